@@ -1,0 +1,30 @@
+# One-command set-up on a fresh machine with only Python: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/nanogemma generate "Once upon a time" --max-new-tokens 48
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check nanogemma tests bench
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nanogemma tests bench
+
+bench: $(STAMP)
+	$(VENV)/bin/nanogemma bench --compare transformers
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

