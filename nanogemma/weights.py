@@ -12,6 +12,7 @@ safetensors keyed by the file's SHA-256: later loads memory-map the cache and sk
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -56,6 +57,13 @@ def cache_dir() -> Path:
 
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes (~0.3 s for the 270M GGUF): the cache key, robust to renames and copies."""
+    st = os.stat(path)
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    # Memoised per (path, size, mtime): the weights and the tokenizer both key their caches on it.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
