@@ -28,6 +28,7 @@ from .errors import NanogemmaError
 from .model import Gemma, rope_inv_freq
 
 DEFAULT_MODEL = "gemma3-270m"
+CACHE_VERSION = 1  # bump when the cached layout or config semantics change
 _GGUF_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")
 
 # Per-layer names: nanogemma <- GGUF <- Hugging Face.
@@ -139,7 +140,9 @@ def gguf_config(reader, n_vocab: int) -> GemmaConfig:
         num_kv_heads=int(g("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
         max_seq_len=int(g("context_length", 32_768)),
-        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        # Stored as float32 (9.99999997e-07): 7 significant digits give back the decimal it was written as,
+        # and both round to the same float32 in the norm.
+        norm_eps=float(f'{g("attention.layer_norm_rms_epsilon", 1e-6):.7g}'),
         sliding_window=int(g("attention.sliding_window", 512)),
         layer_types=layer_pattern(n_layers),  # not in the metadata: it is the architecture's definition
         rope_global_base=float(g("rope.freq_base", 1_000_000.0)),
@@ -194,7 +197,7 @@ def load_gguf(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise NanogemmaError(f"model file not found: {path}")
-    cached = cache_dir() / "weights" / f"{file_digest(path)}.safetensors"
+    cached = cache_dir() / "weights" / f"{file_digest(path)}-v{CACHE_VERSION}.safetensors"
     if cached.is_file():
         try:
             return _read_cache(cached)
@@ -370,4 +373,7 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     cfg, state, path = load_state(name_or_path)
     model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
     tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise NanogemmaError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                             f"{cfg.vocab_size} embeddings; they do not belong together")
     return model, tok

@@ -1,0 +1,224 @@
+"""Weight loading: GGUF (several tensor types), Hugging Face folders, strictness, the cache, and bad files.
+
+The real 270M file (Q8_0, Q5_0, Q4_K, Q6_K, F32) is covered by test_parity.py; here tiny GGUFs written by the
+`gguf` package cover F32, F16, BF16, Q8_0 and Q5_0, and every failure a user can meet.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+from safetensors.torch import save_file
+
+from nanogemma.config import PRESETS, from_hf_config, get_preset, to_hf_config
+from nanogemma.errors import NanogemmaError
+from nanogemma.model import Gemma
+from nanogemma.weights import _gguf_name_map, build_model, hf_state_dict, load_gguf, load_hf, load_state
+
+TOL = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 8e-2}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOGEMMA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_preset("tiny")
+    model = Gemma(cfg).init_weights(seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.2)
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def write_gguf(path, cfg, state, qtype=Q.F32, arch="gemma3", drop=(), extra=None):
+    """A GGUF the way llama.cpp's converter lays it out: reversed shapes, norms stored as 1 + w."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_global_base)
+    w.add_sliding_window(cfg.sliding_window)
+    ours_to_gguf = {v: k for k, v in _gguf_name_map(cfg.num_layers).items()}
+    for ours, t in state.items():
+        name = ours_to_gguf[ours]
+        if name in drop:
+            continue
+        arr = t.float().numpy()
+        if "norm" in name:
+            w.add_tensor(name, arr + 1.0)
+        elif qtype == Q.F32:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", list(TOL))
+def test_gguf_tensor_types_round_trip(tmp_path, tiny, qtype):
+    cfg, state = tiny
+    got_cfg, got = load_gguf(write_gguf(tmp_path / "m.gguf", cfg, state, qtype))
+    assert got_cfg == cfg
+    assert set(got) == set(state)
+    for k in state:
+        assert got[k].shape == state[k].shape
+        tol = 1e-6 if "norm" in k else TOL[qtype] * max(1.0, state[k].abs().max().item())
+        assert (got[k] - state[k]).abs().max().item() <= tol, k
+    # And the model built from it runs.
+    model = build_model(got_cfg, got)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, cfg.vocab_size)
+
+
+def test_gguf_cache_is_used_and_rebuilt_when_damaged(tmp_path, tiny, monkeypatch):
+    import nanogemma.weights as W
+
+    cfg, state = tiny
+    path = write_gguf(tmp_path / "m.gguf", cfg, state)
+    first = load_gguf(path)[1]
+    cached = list((tmp_path / "cache" / "weights").glob("*.safetensors"))
+    assert len(cached) == 1
+    monkeypatch.setattr(W, "read_gguf", lambda p: pytest.fail("the cache should have been used"))
+    second = load_gguf(path)[1]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    cached[0].write_bytes(b"not a safetensors file")
+    monkeypatch.undo()
+    monkeypatch.setenv("NANOGEMMA_CACHE", str(tmp_path / "cache"))
+    third = load_gguf(path)[1]
+    assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_gguf_strictness_names_the_tensor(tmp_path, tiny):
+    cfg, state = tiny
+    missing = write_gguf(tmp_path / "a.gguf", cfg, state, drop=("blk.3.ffn_up.weight",))
+    with pytest.raises(NanogemmaError, match="layers.3.mlp.up.weight"):
+        build_model(*load_gguf(missing), source="a.gguf")
+    extra = write_gguf(tmp_path / "b.gguf", cfg, state, extra={"rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(NanogemmaError, match="rope_freqs.weight"):
+        load_gguf(extra)
+    bad_shape = dict(state)
+    bad_shape["layers.0.attn.wq.weight"] = torch.zeros(32, 64)
+    with pytest.raises(NanogemmaError, match="layers.0.attn.wq.weight"):
+        build_model(cfg, bad_shape)
+
+
+def test_gguf_of_another_architecture(tmp_path, tiny):
+    cfg, state = tiny
+    with pytest.raises(NanogemmaError, match="'llama' model"):
+        load_gguf(write_gguf(tmp_path / "llama.gguf", cfg, state, arch="llama"))
+
+
+def test_truncated_and_corrupt_gguf(tmp_path, tiny):
+    cfg, state = tiny
+    good = write_gguf(tmp_path / "m.gguf", cfg, state).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    for name in ("cut.gguf", "junk.gguf"):
+        with pytest.raises(NanogemmaError, match="not a readable GGUF"):
+            load_gguf(tmp_path / name)
+    with pytest.raises(NanogemmaError, match="not found"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+def _hf_folder(path, cfg, state, shards=1):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    hf = {k: v.contiguous() for k, v in hf_state_dict(state).items()}
+    if shards == 1:
+        save_file(hf, str(path / "model.safetensors"))
+        return path
+    keys = sorted(hf)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: hf[k] for k in part}, str(path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_hf_folder_round_trip(tmp_path, tiny, shards):
+    cfg, state = tiny
+    got_cfg, got = load_hf(_hf_folder(tmp_path / "hf", cfg, state, shards))
+    assert got_cfg == cfg
+    assert all(torch.equal(got[k], state[k]) for k in state) and set(got) == set(state)
+
+
+def test_hf_folder_missing_shard(tmp_path, tiny):
+    cfg, state = tiny
+    folder = _hf_folder(tmp_path / "hf", cfg, state, shards=3)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(NanogemmaError, match="model-00002-of-00003.safetensors.*missing"):
+        load_hf(folder)
+
+
+def test_multimodal_checkpoint_uses_the_language_model_only(tmp_path, tiny):
+    cfg, state = tiny
+    folder = tmp_path / "mm"
+    folder.mkdir()
+    hf_cfg = {"model_type": "gemma3", "text_config": to_hf_config(cfg), "vision_config": {}}
+    (folder / "config.json").write_text(json.dumps(hf_cfg))
+    tensors = {k.replace("model.", "model.language_model.", 1): v for k, v in hf_state_dict(state).items()}
+    tensors["model.vision_tower.vision_model.post_layernorm.weight"] = torch.ones(4)
+    save_file(tensors, str(folder / "model.safetensors"))
+    got_cfg, got = load_hf(folder)
+    assert got_cfg == cfg and set(got) == set(state)
+
+
+def test_hf_config_variants():
+    base = to_hf_config(get_preset("gemma3-4b"))
+    assert from_hf_config(base) == get_preset("gemma3-4b")
+    # transformers 5.x spelling: RoPE parameters keyed by layer type.
+    v5 = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling")}
+    v5["rope_parameters"] = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
+    assert from_hf_config(v5) == get_preset("gemma3-4b")
+    with pytest.raises(ValueError, match="llama"):
+        from_hf_config({"model_type": "llama"})
+
+
+def test_presets():
+    cfg = get_preset("gemma3-270m")
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "global"] == [5, 11, 17]
+    assert abs(cfg.num_params - 268.1e6) < 0.1e6
+    assert cfg.query_pre_attn_scalar**-0.5 == 1 / 16
+    for name, preset in PRESETS.items():
+        assert from_hf_config(to_hf_config(preset)) == preset, name
+    assert get_preset("gemma3-27b").query_pre_attn_scalar == 168
+    assert {get_preset(n).rope_global_scale for n in ("gemma3-4b", "gemma3-12b", "gemma3-27b")} == {8.0}
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("gemma3-2b")
+
+
+def test_model_names_and_paths(tmp_path):
+    with pytest.raises(NanogemmaError, match="model not found"):
+        load_state(tmp_path / "nowhere")
+    with pytest.raises(NanogemmaError, match="no bundled weights"):
+        load_state("gemma3-27b")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(NanogemmaError, match="not a .gguf file"):
+        load_state(tmp_path / "weights.bin")
