@@ -211,12 +211,9 @@ def _build(pieces: list[str], types: list[int], unk: str, bos: str | None) -> _B
 
 def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any]]:
     """(backend, special ids...) from a GGUF's `tokenizer.ggml.*` metadata."""
-    import gguf
+    from .weights import open_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
-        raise NanogemmaError(f"{path} is not a readable GGUF file ({e})") from None
+    reader = open_gguf(path)
 
     def field(key: str, default: Any = None) -> Any:
         f = reader.fields.get(f"tokenizer.ggml.{key}")

@@ -120,6 +120,26 @@ def _gguf_field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def open_gguf(path: str | Path):
+    """A parsed `gguf.GGUFReader`, shared by the weights and the tokenizer of one load.
+
+    Parsing the 262,144-entry vocabulary is most of a cold load (~12 s), so one load parses once.
+    """
+    st = os.stat(path)
+    return _open_gguf(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors for damaged files
+        raise NanogemmaError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                             "re-download or re-convert it") from None
+
+
 def gguf_config(reader, n_vocab: int) -> GemmaConfig:
     arch = _gguf_field(reader, "general.architecture")
     if arch != "gemma3":
@@ -161,14 +181,9 @@ def _gguf_name_map(num_layers: int) -> dict[str, str]:
 
 def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """Parse and dequantise a Gemma 3 GGUF into (config, float32 state dict in nanogemma names)."""
-    import gguf
     from gguf.quants import dequantize
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises assorted errors for damaged files
-        raise NanogemmaError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                             "re-download or re-convert it") from None
+    reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise NanogemmaError(f"{path}: GGUF has no 'token_embd.weight' tensor; is it a Gemma 3 language model?")
@@ -370,9 +385,12 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise NanogemmaError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    cfg, state, path = load_state(name_or_path)
-    model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
-    tok = load_tokenizer(path)
+    try:
+        cfg, state, path = load_state(name_or_path)
+        model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
+        tok = load_tokenizer(path)
+    finally:
+        _open_gguf.cache_clear()  # release the parsed vocabulary and the file mapping
     if tok.vocab_size > cfg.vocab_size:
         raise NanogemmaError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings; they do not belong together")
