@@ -17,11 +17,11 @@ demo: $(STAMP)
 	$(VENV)/bin/nanogemma generate "Once upon a time" --max-new-tokens 48
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check nanogemma tests bench
+	$(VENV)/bin/ruff check nanogemma tests bench scripts
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check nanogemma tests bench
+	$(VENV)/bin/ruff check nanogemma tests bench scripts
 
 bench: $(STAMP)
 	$(VENV)/bin/nanogemma bench --compare transformers

@@ -1,0 +1,201 @@
+"""`nanogemma eval`: how well a model predicts held-out text — loss, perplexity and token accuracy.
+
+The token stream (a prepared dataset's split, or raw text files tokenized with the model's own tokenizer)
+is cut into consecutive windows of `seq_len + 1` tokens that overlap by one, so every token after the
+first is predicted exactly once, from the up to `seq_len` tokens before it in its window:
+
+    window k:  inputs tokens[k·S : k·S + S],  targets tokens[k·S + 1 : k·S + S + 1]
+
+* **loss** is the mean cross-entropy in nats per predicted token;
+* **perplexity** = exp(loss): the model is as unsure as if it picked uniformly among that many tokens;
+* **token accuracy** is how often the most likely next token (the argmax) is the right one.
+
+Windows restart the context, so tokens early in a window see little history: a longer `seq_len` gives a
+lower (better) loss. Compare models at the same `seq_len`. Story quality, judged by another language
+model, lives in `judge.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import NanogemmaError
+
+
+@dataclass
+class LMResult:
+    tokens: int  # predicted tokens
+    loss: float
+    perplexity: float
+    accuracy: float
+    seq_len: int
+    source: str
+
+    def table(self) -> str:
+        from .inspect_model import format_table
+
+        rows = [["source", self.source], ["predicted tokens", f"{self.tokens:,}"],
+                ["context (seq_len)", self.seq_len], ["loss (nats/token)", f"{self.loss:.4f}"],
+                ["perplexity", f"{self.perplexity:.3f}"], ["token accuracy", f"{self.accuracy:.2%}"]]
+        return format_table(["metric", "value"], rows, right={1})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_model(name_or_path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, path) without the tokenizer: a prepared dataset needs none, and run folders may lack one."""
+    from .weights import build_model, load_state
+
+    if dtype == torch.float16:
+        raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
+    cfg, state, path = load_state(name_or_path)
+    return build_model(cfg, state, dtype=dtype, device=device, source=str(path)), Path(path)
+
+
+def text_encoder(path: Path) -> Callable[[str], list[int]]:
+    """text -> ids (<bos> first) with the tokenizer that comes with the model at `path`.
+
+    GGUF files and Hugging Face folders carry one; a training run writes its data's tokenizer into the run
+    folder in the Hugging Face format, so the same loader serves all three.
+    """
+    from .tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(path)
+    except NanogemmaError as e:
+        raise NanogemmaError(f"no tokenizer for raw text next to {path} ({e}); evaluate on a prepared "
+                             "dataset with --data instead, or copy the tokenizer files into the folder") from None
+    return lambda text: tok.encode(text, add_bos=True)
+
+
+def text_tokens(files: Sequence[str | Path], encode: Callable[[str], list[int]]) -> np.ndarray:
+    """Each file is one document; their ids are concatenated."""
+    ids: list[int] = []
+    for f in map(Path, files):
+        if not f.is_file():
+            raise NanogemmaError(f"text file not found: {f}")
+        try:
+            ids += encode(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise NanogemmaError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return np.asarray(ids, dtype=np.int64)
+
+
+def dataset_tokens(folder: str | Path, split: str = "val") -> np.ndarray:
+    """A prepared dataset's split, memory-mapped (uint16 or uint32, as its meta.json says)."""
+    from .data import read_tokens
+
+    return read_tokens(folder, split)
+
+
+def windows(n: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, length) of the input windows covering a stream of n tokens; each predicts `length` tokens."""
+    return [(s, min(seq_len, n - 1 - s)) for s in range(0, n - 1, seq_len)]
+
+
+@torch.inference_mode()
+def evaluate_lm(model, tokens: np.ndarray, seq_len: int | None = None, batch_size: int = 1,
+                max_tokens: int | None = None, source: str = "tokens", progress: bool = True) -> LMResult:
+    """Loss, perplexity and accuracy of `model` on a token stream (see the module docstring for the windows)."""
+    cfg = model.config
+    seq_len = min(512, cfg.max_seq_len) if seq_len is None else seq_len
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise NanogemmaError(f"--seq-len must be between 1 and the model's context ({cfg.max_seq_len}), got {seq_len}")
+    if batch_size < 1:
+        raise NanogemmaError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]
+    if len(tokens) < 2:
+        raise NanogemmaError(f"{source} holds {len(tokens)} token(s): at least 2 are needed to predict one")
+    top = int(tokens.max())
+    if top >= cfg.vocab_size:
+        raise NanogemmaError(f"{source} holds token id {top}, but the model has {cfg.vocab_size} embeddings: "
+                             "the data was tokenized with another tokenizer than the model's")
+    spans = windows(len(tokens), seq_len)
+    # Full windows batch together; the last one may be shorter and runs alone.
+    full = [w for w in spans if w[1] == seq_len]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[w] for w in spans if w[1] != seq_len]
+
+    nll, correct, count = 0.0, 0, 0
+    bar = tqdm(total=len(tokens) - 1, unit="tok", desc="eval", disable=not progress, leave=False)
+    for batch in batches:
+        chunk = np.stack([np.asarray(tokens[s:s + n + 1], dtype=np.int64) for s, n in batch])
+        chunk = torch.from_numpy(chunk).to(model.device)
+        logits = model(chunk[:, :-1])  # float32 (B, n, vocab)
+        targets = chunk[:, 1:]
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+        bar.update(targets.numel())
+    bar.close()
+    loss = nll / count
+    return LMResult(count, loss, math.exp(min(loss, 700.0)), correct / count, seq_len, source)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def run_cli(args) -> int:
+    """`nanogemma eval`: LM metrics (--data / --text) and/or judged story quality (--judge-url)."""
+    from . import judge
+
+    if not (args.data or args.text or args.judge_url):
+        raise NanogemmaError("nothing to evaluate: give --data FOLDER or --text FILE... for loss and perplexity, "
+                             "or --judge-url URL --judge-model NAME for judged story quality")
+    if args.data and args.text:
+        raise NanogemmaError("give --data or --text, not both")
+    if args.judge_url and not args.judge_model:
+        raise NanogemmaError("--judge-url needs --judge-model (the model name the endpoint should use)")
+    if args.samples < 1 or (args.num_prompts is not None and args.num_prompts < 1):
+        raise NanogemmaError("--samples and --num-prompts must be at least 1")
+    # Check the judge set-up before spending minutes on loading and generating.
+    client = prompts = None
+    if args.judge_url:
+        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env))
+        prompts = judge.read_prompts(args.prompts)[: args.num_prompts]
+    model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    progress = not args.no_progress
+    results: dict = {"model": str(path)}
+    if args.data or args.text:
+        if args.data:
+            tokens, source = dataset_tokens(args.data, args.split), f"{args.data} ({args.split})"
+        else:
+            tokens, source = text_tokens(args.text, text_encoder(path)), ", ".join(args.text)
+        lm = evaluate_lm(model, tokens, args.seq_len, args.batch_size, args.max_tokens, source, progress)
+        print(lm.table())
+        results["lm"] = lm.to_dict()
+    if client is not None:
+        from .tokenizer import load_tokenizer
+
+        gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "seed": args.seed}
+        stories = judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
+                                      args.samples, progress)
+        summary = judge.summarize(stories)
+        if "lm" in results:
+            print()
+        print(judge.summary_table(summary))
+        results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
+                            "prompts": len(prompts), "samples_per_prompt": args.samples,
+                            "summary": summary, "stories": stories}
+    out = args.out or ("eval_judge.json" if client is not None else None)
+    if out:
+        write_json(out, results)
+        print(f"results written to {out}")
+    if client is not None and summary["scored"] == 0:
+        raise NanogemmaError(f"no judge reply could be read as scores; the replies are in {out}")
+    return 0
