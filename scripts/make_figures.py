@@ -109,7 +109,8 @@ def activations(out: Path, model_name: str | None, layer: int = 5) -> None:
     order = ["x (block input)", "input_norm(x)", "attention", "post_attn_norm", "h = x + post_attn_norm",
              "pre_ffw_norm(h)", "mlp", "post_ffw_norm", "block output"]
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.2, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.0), gridspec_kw={"width_ratios": [1.2, 1]},
+                               layout="constrained")
     rms = [seen[n].pow(2).mean(-1).sqrt()[1:].numpy() for n in order]  # per token, <bos> left out
     a.boxplot(rms, orientation="horizontal", tick_labels=order, showfliers=False)
     a.invert_yaxis()
@@ -117,7 +118,7 @@ def activations(out: Path, model_name: str | None, layer: int = 5) -> None:
     a.set_xlabel("RMS over the 640 channels, one value per token (box: quartiles)")
     a.set_title(f"layer {layer} ({block.layer_type}) step by step", fontsize=10)
     x = seen["x (block input)"][1:].abs().amax(0).numpy()
-    b.bar(range(len(x)), x, width=1.0, color="#4c72b0")
+    b.plot(range(len(x)), x, lw=0.6, color="#4c72b0")  # a line, so no one-pixel spike is dropped
     b.set_yscale("log")
     b.set_xlabel("channel of the residual stream")
     b.set_ylabel("max |x| over tokens")
