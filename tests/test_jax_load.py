@@ -1,0 +1,164 @@
+"""JAX weight loading: the same sources as PyTorch, strictly, into the same numbers; run folders both ways.
+
+Tiny checkpoints are written the way each source is laid out (a GGUF by the `gguf` package, a Hugging Face
+folder, a run folder); the real 270M GGUF is covered by test_jax_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nanogemma.config import get_preset, to_hf_config
+from nanogemma.errors import NanogemmaError
+from nanogemma.jax.load import check_state, load_params, read_state, save_run
+from nanogemma.model import Gemma
+from nanogemma.weights import _gguf_name_map, hf_state_dict, load_state, read_gguf
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOGEMMA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_preset("tiny")
+    model = Gemma(cfg).init_weights(seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.2)
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(params, state):
+    assert set(params) == set(state)
+    for k, v in state.items():
+        np.testing.assert_array_equal(np.asarray(params[k], dtype=np.float32), v.float().numpy(), err_msg=k)
+
+
+def hf_folder(path, cfg, state, dtype=torch.float32):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    save_file({k: v.to(dtype).contiguous() for k, v in hf_state_dict(state).items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_hf_folder(tmp_path, tiny):
+    cfg, state = tiny
+    got_cfg, params, _ = load_params(hf_folder(tmp_path / "hf", cfg, state))
+    assert got_cfg == cfg
+    assert_same(params, state)
+
+
+def test_bfloat16_checkpoint_is_read_without_torch(tmp_path, tiny):
+    cfg, state = tiny
+    folder = hf_folder(tmp_path / "hf", cfg, state, torch.bfloat16)
+    _, raw, _ = read_state(folder)
+    assert all(isinstance(v, np.ndarray) and v.dtype == ml_dtypes.bfloat16 for v in raw.values())
+    _, params, _ = load_params(folder, "bfloat16")
+    assert str(params["embed.weight"].dtype) == "bfloat16"
+    assert_same(params, {k: v.to(torch.bfloat16) for k, v in state.items()})
+
+
+def write_gguf(path, cfg, state):
+    """A float32 GGUF laid out as llama.cpp's converter does: reversed shapes, norms stored as 1 + w."""
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_global_base)
+    w.add_sliding_window(cfg.sliding_window)
+    for gguf_name, ours in _gguf_name_map(cfg.num_layers).items():
+        arr = state[ours].numpy()
+        w.add_tensor(gguf_name, arr + 1.0 if "norm" in gguf_name else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_cold_and_cached_loads_equal_pytorch(tmp_path, tiny):
+    cfg, state = tiny
+    path = write_gguf(tmp_path / "tiny.gguf", cfg, state)
+    _, cold, _ = load_params(path)  # dequantises the GGUF in numpy and writes the shared cache
+    assert len(list((tmp_path / "cache" / "weights").glob("*.safetensors"))) == 1
+    _, warm, _ = load_params(path)  # reads that cache
+    torch_cfg, torch_cold = read_gguf(path)  # PyTorch's own GGUF reading, no cache involved
+    assert torch_cfg == cfg
+    assert_same(cold, torch_cold)  # bit for bit
+    assert_same(warm, torch_cold)
+    assert_same(cold, load_state(path)[1])  # PyTorch reads the cache JAX wrote
+    for k, v in state.items():  # the file stores norms as 1 + w: within float32 rounding of the original
+        np.testing.assert_allclose(np.asarray(cold[k]), v.numpy(), rtol=0, atol=1e-7)
+
+
+def test_run_folders_cross_over(tmp_path, tiny):
+    cfg, state = tiny
+    _, params, _ = load_params(hf_folder(tmp_path / "hf", cfg, state))
+    save_run(tmp_path / "run", cfg, params, {"note": "written by JAX"})
+    meta = json.loads((tmp_path / "run" / "nanogemma.json").read_text())
+    assert meta["model"] == cfg.to_dict() and meta["note"] == "written by JAX"
+    torch_cfg, torch_state, _ = load_state(tmp_path / "run")  # what `nanogemma.load` reads, PyTorch side
+    assert torch_cfg == cfg
+    assert all(torch.equal(torch_state[k], state[k]) for k in state)
+    # And the other way: a run folder PyTorch wrote (the trainer's layout) loads in JAX.
+    (tmp_path / "pt").mkdir()
+    save_file(state, str(tmp_path / "pt" / "model.safetensors"))
+    (tmp_path / "pt" / "nanogemma.json").write_text(json.dumps({"model": cfg.to_dict(), "step": 3}))
+    got_cfg, got, _ = load_params(tmp_path / "pt")
+    assert got_cfg == cfg
+    assert_same(got, state)
+
+
+def test_strictness_names_the_tensor(tmp_path, tiny):
+    cfg, state = tiny
+    arrays = {k: v.numpy() for k, v in state.items()}
+    with pytest.raises(NanogemmaError, match=r"no tensor for parameter 'layers\.2\.mlp\.up\.weight'"):
+        check_state(cfg, {k: v for k, v in arrays.items() if k != "layers.2.mlp.up.weight"})
+    with pytest.raises(NanogemmaError, match="does not use: 'layers.9.attn.wq.weight'"):
+        check_state(cfg, {**arrays, "layers.9.attn.wq.weight": arrays["layers.0.attn.wq.weight"]})
+    bad = {**arrays, "layers.1.attn.wk.weight": np.zeros((5, 64), np.float32)}
+    with pytest.raises(NanogemmaError, match=r"'layers\.1\.attn\.wk\.weight' has shape \(5, 64\), the config implies \(32, 64\)"):
+        check_state(cfg, bad)
+    # Through a real file: a run folder whose weights miss a tensor fails to load, with its path.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_file({k: v for k, v in state.items() if k != "final_norm.weight"}, str(folder / "model.safetensors"))
+    (folder / "nanogemma.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    with pytest.raises(NanogemmaError, match=f"{folder} has no tensor for parameter 'final_norm.weight'"):
+        load_params(folder)
+
+
+def test_bad_sources(tmp_path, tiny):
+    cfg, state = tiny
+    with pytest.raises(NanogemmaError, match="model not found"):
+        load_params(tmp_path / "absent")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "nanogemma.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    with pytest.raises(NanogemmaError, match="model.safetensors is missing"):
+        load_params(folder)
+    (folder / "nanogemma.json").write_text(json.dumps({"step": 1}))
+    with pytest.raises(NanogemmaError, match="does not describe a model"):
+        load_params(folder)
+    (folder / "nanogemma.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(NanogemmaError, match="not a readable safetensors file"):
+        load_params(folder)
+    with pytest.raises(NanogemmaError, match="float16 overflows"):
+        load_params(hf_folder(tmp_path / "hf", cfg, state), "float16")
