@@ -1,0 +1,99 @@
+"""Everything a run needs before its first step: the model (fresh, fine-tuned or resumed), its precision,
+the optimizer, and the checks that turn a doomed run into a one-line error before any time is spent."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import GemmaConfig
+from ..errors import NanogemmaError
+from ..weights import build_model, load_state
+from . import checkpoint as ckpt
+from .config import SCRATCH, TrainConfig, model_config
+from .data import Dataset
+from .loss import TrainingGemma
+
+GEMMA_VOCAB = 262_144
+SHAPE_SETTINGS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "sliding_window", "tie_embeddings")
+
+
+def warn(message: str) -> None:
+    print(f"nanogemma: warning: {message}", file=sys.stderr)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPUs: bfloat16 autocast is usually slower than float32 there
+    return getattr(torch, name)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), refusing to mix two runs in one folder."""
+    if resume:
+        found = ckpt.find_checkpoint(run_dir, "last")
+        if found is None:
+            raise NanogemmaError(f"{run_dir} has no checkpoint to resume from (no last/trainer.pt); "
+                                 "start a new run without --resume")
+        return found
+    if (run_dir / ckpt.SETTINGS).exists() or ckpt.find_checkpoint(run_dir, "last") is not None:
+        raise NanogemmaError(f"{run_dir} already holds a training run: pass --resume to continue it, or "
+                             "choose another --out-dir")
+    return None
+
+
+def initial_model(cfg: TrainConfig, data: Dataset, resume_from: Path | None
+                  ) -> tuple[GemmaConfig, dict[str, torch.Tensor] | None, str]:
+    """(model config, weights or None for random init, where they come from)."""
+    if resume_from is not None:
+        meta = ckpt.read_model_meta(resume_from)
+        state = load_state(resume_from)[1]
+        return GemmaConfig.from_dict(meta["model"]), state, str(resume_from)
+    if cfg.init_from == SCRATCH:
+        return model_config(cfg, data.vocab_size), None, "random"
+    given = [k for k in SHAPE_SETTINGS if getattr(cfg, k) is not None]
+    if given:
+        warn(f"init_from={cfg.init_from} brings its own shape: ignoring {', '.join(given)}")
+    mcfg, state, path = load_state(cfg.init_from)
+    if data.vocab_size > mcfg.vocab_size:
+        raise NanogemmaError(f"{data.folder} has {data.vocab_size:,} token ids but {cfg.init_from} knows "
+                             f"{mcfg.vocab_size:,}: prepare the data with the model's tokenizer "
+                             "(nanogemma prepare --tokenizer gemma)")
+    if mcfg.vocab_size >= GEMMA_VOCAB and data.spec != "gemma":
+        raise NanogemmaError(f"{cfg.init_from} reads Gemma token ids, but {data.folder} was prepared with the "
+                             f"{data.spec} tokenizer: prepare it again with --tokenizer gemma")
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise NanogemmaError(f"seq_len {cfg.seq_len} is beyond {cfg.init_from}'s context of {mcfg.max_seq_len}")
+    return mcfg, state, str(path)
+
+
+def make_model(mcfg: GemmaConfig, state: dict[str, torch.Tensor] | None, cfg: TrainConfig,
+               device: torch.device) -> TrainingGemma:
+    """A float32 model on `device` in training mode: random (seeded) or holding `state`."""
+    if state is None:
+        model = TrainingGemma(mcfg).init_weights(std=cfg.init_std, seed=cfg.seed).to(device)
+    else:  # build_model checks every tensor's name and shape, with messages that name the culprit
+        model = TrainingGemma.from_model(build_model(mcfg, state, dtype=torch.float32, device=device,
+                                                     source="initial weights"))
+    return model.train()
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators: not used by our own sampling (which is keyed by step), but by anything
+    else that draws random numbers (a user's loss function, dropout in a modified model)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

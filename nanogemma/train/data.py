@@ -1,0 +1,133 @@
+"""Batches from the memory-mapped token files: random windows for training, fixed ones for validation.
+
+**Training windows.** A window is `seq_len + 1` consecutive tokens at a random offset of `train.bin`:
+inputs are its first `seq_len` tokens, targets the last `seq_len` (each input's next token). Offsets are
+drawn uniformly from [0, N − seq_len − 1] — there is no list of all offsets (which for a 10B-token corpus
+would be 80 GB) and no epoch to shuffle, only a generator.
+
+The generator of optimizer step s is seeded with (seed, s): the offsets of any step can be recomputed
+from those two numbers alone. So the sampler's checkpoint state is just that pair, a resumed run draws
+exactly the batches the uninterrupted run would have drawn, and every process of a distributed run draws
+the same step-wide set and takes its own share (see `distributed.py`).
+
+**Validation windows** are chosen once and reused at every evaluation, so successive validation losses
+differ only because the model changed. They begin at document boundaries — at the end-of-text token
+before a document (or its <bos>, in Gemma-tokenized data), so the model sees each document from its start,
+the way the synthetic corpus's entropy floor is defined — spread evenly over `val.bin`; without enough
+boundaries they are simply spread evenly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import load_data_tokenizer, read_meta, read_tokens
+from ..data.encoders import DataTokenizer
+from ..errors import NanogemmaError
+
+
+@dataclass
+class Dataset:
+    folder: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: DataTokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.meta["tokenizer"]["eot_id"])
+
+    @property
+    def bos_id(self) -> int | None:
+        b = self.meta["tokenizer"].get("bos_id")
+        return None if b is None else int(b)
+
+    @property
+    def spec(self) -> str:
+        return str(self.meta["tokenizer"]["spec"])
+
+    def describe(self) -> dict:
+        """What a checkpoint records about its data."""
+        return {"folder": str(self.folder), "tokenizer": self.spec, "vocab_size": self.vocab_size,
+                "train_tokens": len(self.train), "val_tokens": len(self.val),
+                "entropy_floor": self.entropy_floor}
+
+    @property
+    def entropy_floor(self) -> float | None:
+        """The synthetic corpus's best possible loss in nats/token (None for real text)."""
+        syn = self.meta.get("synthetic")
+        return None if not syn else float(syn["entropy_nats_per_token"])
+
+
+def open_dataset(folder: str | Path, seq_len: int) -> Dataset:
+    folder = Path(folder)
+    meta = read_meta(folder)
+    train, val = read_tokens(folder, "train"), read_tokens(folder, "val")
+    for split, tokens in (("train", train), ("val", val)):
+        if len(tokens) < seq_len + 1:
+            raise NanogemmaError(f"{folder}: the {split} split has {len(tokens):,} tokens, fewer than one window "
+                                 f"of seq_len + 1 = {seq_len + 1}; lower --seq-len or prepare more data")
+    return Dataset(folder, meta, train, val, load_data_tokenizer(folder=folder))
+
+
+class WindowSampler:
+    """Offsets of training windows, a pure function of (seed, step)."""
+
+    def __init__(self, n_tokens: int, seq_len: int, seed: int) -> None:
+        self.n_tokens, self.seq_len, self.seed = n_tokens, seq_len, seed
+        self.high = n_tokens - seq_len  # number of valid offsets: a window needs seq_len + 1 tokens
+
+    def offsets(self, step: int, count: int) -> np.ndarray:
+        """`count` window offsets for optimizer step `step` (the same on every call and every process)."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, self.high, size=count, dtype=np.int64)
+
+    def state_dict(self, step: int) -> dict:
+        return {"kind": "uniform-windows", "seed": self.seed, "step": step, "n_tokens": self.n_tokens,
+                "seq_len": self.seq_len}
+
+    def check_resumable(self, saved: dict) -> None:
+        for key in ("seed", "n_tokens", "seq_len"):
+            if saved.get(key) != getattr(self, key):
+                what = "the training data changed" if key == "n_tokens" else f"{key} changed"
+                raise NanogemmaError(f"cannot resume exactly: {what} since the checkpoint ({key} "
+                                     f"{saved.get(key)} -> {getattr(self, key)}); use the run's own data and settings")
+
+
+def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, device: torch.device,
+            bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (len(offsets), seq_len) int64, from windows at `offsets`.
+
+    With `bos_id`, every window's first input is <bos>: Gemma models are trained with <bos> at position 0
+    and misbehave without it (it is where attention rests when nothing else is relevant), so a window cut
+    mid-document starts with <bos> in place of its first token. Windows at document starts already do.
+    """
+    idx = offsets[:, None] + np.arange(seq_len + 1)
+    w = torch.from_numpy(tokens[idx].astype(np.int64))  # fancy indexing reads only these tokens of the memmap
+    if bos_id is not None:
+        w[:, 0] = bos_id
+    if device.type == "cuda":
+        w = w.pin_memory().to(device, non_blocking=True)
+    else:
+        w = w.to(device)
+    return w[:, :-1], w[:, 1:]
+
+
+def validation_offsets(tokens: np.ndarray, seq_len: int, count: int, start_id: int | None) -> np.ndarray:
+    """`count` fixed offsets for validation windows (see the module docstring); `start_id` marks where a
+    document starts (<bos> in Gemma-tokenized data, else the end-of-text token before each document)."""
+    high = len(tokens) - seq_len
+    if start_id is not None:
+        starts = np.flatnonzero(np.asarray(tokens[:high]) == start_id)
+        if len(starts) >= count:
+            return starts[np.linspace(0, len(starts) - 1, count).round().astype(np.int64)]
+    return np.linspace(0, high - 1, count).round().astype(np.int64)

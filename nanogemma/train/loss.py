@@ -1,0 +1,134 @@
+"""The training loss, with Gemma's output head fused into the cross-entropy.
+
+Gemma's vocabulary is large (262,144 ids; 50,257 for GPT-2 data), so the last step of the model — hidden
+states (N tokens × d) times the head (V × d) — makes the biggest tensor of the whole step: N × V logits.
+For 2,048 tokens of Gemma that is 2.1 GB in float32, and the usual `cross_entropy(logits, targets)`
+writes two more of that size (log-softmax, then its gradient). Those passes over memory, not the matmul,
+dominate a small model's step.
+
+`fused_linear_cross_entropy` never holds more than a chunk of rows of logits. For each chunk it computes
+the logits, the loss, and right away the gradient of the loss with respect to the logits — softmax minus
+the one-hot target, over N — and from it the gradients of the hidden states (p · W) and of the head
+(pᵀ · h). The chunk's logits are then dropped. Backward has nothing left to do but scale the two stored
+gradients by the incoming one. The arithmetic is the same three matmuls as the plain path; what goes
+away is the memory: one chunk instead of three N × V tensors, and one exponential per logit.
+
+To get the hidden states, `TrainingGemma` (a `Gemma` whose `logits()` can stop after the final norm,
+switched by `features_only`) is what training builds. Its parameters and checkpoints are exactly Gemma's.
+Under FSDP2 the head's weight exists whole only inside the model's forward, so there the plain path is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model import Gemma, rope_inv_freq
+
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # logits per chunk: ~16 MB on CPU (cache), 256 MB on GPU
+MIN_ROWS = 64
+
+
+class TrainingGemma(Gemma):
+    """Gemma whose forward returns the final-normed hidden states instead of logits while `features_only`."""
+
+    features_only: bool = False
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.final_norm(x) if self.features_only else super().logits(x)
+
+    def head_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @classmethod
+    def from_model(cls, model: Gemma) -> TrainingGemma:
+        """The same parameters (shared, not copied) in a TrainingGemma."""
+        with torch.device("meta"):
+            out = cls(model.config)
+        out.load_state_dict(model.state_dict(), assign=True)
+        cfg, dev = model.config, model.device
+        out.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_base).to(dev)
+        out.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale).to(dev)
+        return out.train(model.training)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, compute_dtype: torch.dtype, chunk: int) -> Tensor:
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        wc = w.to(compute_dtype)
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for s in range(0, n, chunk):
+            hc, yc = h[s:s + chunk].to(compute_dtype), y[s:s + chunk]
+            logits = (hc @ wc.t()).float()
+            rows = torch.arange(len(yc), device=h.device)
+            target = logits[rows, yc]
+            top = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(top).exp_()  # in place: the chunk's logits become exp(logit - max)
+            z = logits.sum(dim=-1, keepdim=True)
+            total += (z.log() + top).squeeze(1).sub(target).sum().double()
+            if grad_h is None and grad_w is None:
+                continue
+            logits.mul_(1.0 / (z * n))  # softmax / n: the mean's gradient ...
+            logits[rows, yc] -= 1.0 / n  # ... minus the one-hot target
+            p = logits.to(compute_dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = (p @ wc).to(h.dtype)
+            if grad_w is not None:
+                if p.dtype == grad_w.dtype:
+                    grad_w.addmm_(p.t(), hc)  # accumulate inside the matmul: no extra pass over V × d
+                else:
+                    grad_w += (p.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad).to(ctx.w_dtype)
+        return gh, gw, None, None, None
+
+
+def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
+    """mean(cross_entropy(h @ wᵀ, y)) for h (N, d), w (V, d), y (N,), without materialising the N × V logits.
+
+    Under autocast the matmuls run in the autocast dtype and the softmax in float32, as autocast would do.
+    """
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    # Rows per chunk: a memory budget, but at least 64, the inner dimension of the head-gradient matmul
+    # below which accumulating into the V × d gradient costs more memory traffic than the matmul saves.
+    chunk = max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // w.shape[0])
+    with torch.autocast(dev, enabled=False):
+        return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
+
+
+def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """The plain path: logits (float32, from the model), then the mean next-token cross-entropy in nats."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class LanguageModelLoss:
+    """`loss(model_call, inputs, targets)` for training `raw`, which `model_call` runs (itself, DDP, compiled).
+
+    With `fused`, the call returns hidden states and the head is applied by the fused cross-entropy.
+    """
+
+    def __init__(self, raw: TrainingGemma, fused: bool) -> None:
+        self.raw, self.fused = raw, fused
+
+    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        if not self.fused:
+            return lm_loss(model, inputs, targets)
+        self.raw.features_only = True
+        try:
+            h = model(inputs)
+        finally:
+            self.raw.features_only = False
+        return fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), self.raw.head_weight(), targets.reshape(-1))

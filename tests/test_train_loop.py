@@ -1,0 +1,200 @@
+"""The training loop on CPU with the tiny model: it learns, resumes exactly, stops cleanly on Ctrl-C and NaN.
+
+Runs use one intra-op thread: on a shared 2-core machine, two OpenMP threads fighting other processes are
+several times slower than one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from nanogemma.data import prepare
+from nanogemma.errors import NanogemmaError
+from nanogemma.train import resolve, train
+from nanogemma.train import step as step_mod
+
+FAST = {"preset": "tiny", "progress": False, "tensorboard": False, "sample_tokens": 4, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A synthetic story corpus with a 320-token BPE (prepared once per session: `prepare` skips a finished folder)."""
+    folder = tmp_path_factory.getbasetemp() / "train-synthetic-bpe320"
+    prepare("synthetic:400", folder, tokenizer="bpe:320", workers=1, progress=False)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(data, out, **settings):
+    return train(resolve({"data": str(data), "out_dir": str(out), **FAST, **settings}))
+
+
+def records(out, kind="train"):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == kind]
+
+
+def test_tiny_model_learns(data, tmp_path):
+    r = run(data, tmp_path / "run", max_steps=100, eval_every=0, sample_tokens=0, lr=1e-2, min_lr=1e-3)
+    chance = math.log(320)  # 5.77 nats: a model that knows nothing
+    assert r.losses[0] > chance - 0.5
+    assert r.val_loss < 0.5 * chance, f"validation loss {r.val_loss:.3f} after 100 steps, ln(vocab) {chance:.3f}"
+    assert sum(r.losses[-5:]) / 5 < 0.5 * chance
+
+
+def test_run_folder_layout_and_load(data, tmp_path):
+    import nanogemma
+
+    out = tmp_path / "run"
+    r = run(data, out, max_steps=6, eval_every=3)
+    for name in ("train.toml", "nanogemma.json", "model.safetensors", "tokenizer.json", "metrics.jsonl",
+                 "last/trainer.pt", "last/model.safetensors", "best/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    meta = json.loads((out / "nanogemma.json").read_text())
+    assert meta["checkpoint"] == "best" and meta["val_loss"] == pytest.approx(r.best_val_loss)
+    assert meta["train"]["max_steps"] == 6
+    evals = records(out, "eval")
+    assert [e["step"] for e in evals] == [3, 6] and all(isinstance(e["sample"], str) for e in evals)
+    # the run folder, and each checkpoint in it, loads as a model with its tokenizer
+    for folder in (out, out / "last"):
+        model, tok = nanogemma.load(folder)
+        assert model.config.vocab_size == 320 and tok.decode(tok.encode("Once upon a time", add_bos=False)) == \
+            "Once upon a time"
+    # the resolved settings round-trip through train.toml
+    again = resolve({"data": str(data), "out_dir": str(tmp_path / "b")}, out / "train.toml")
+    assert again.max_steps == 6 and again.seq_len == 64 and again.preset == "tiny"
+    with pytest.raises(NanogemmaError, match="already holds a training run"):
+        run(data, out, max_steps=6)
+
+
+def test_fixed_validation_batches(data, tmp_path):
+    """Two evaluations of the same weights give the same numbers: the validation windows are fixed."""
+    out = tmp_path / "run"
+    run(data, out, max_steps=4, eval_every=2, lr=1e-12, min_lr=0.0, warmup_steps=0)
+    a, b = records(out, "eval")
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert a["val_tokens"] == b["val_tokens"] == 2 * 8 * 64
+
+
+def interrupt_at(call: int):
+    """A loss function that sends this process SIGINT (as Ctrl-C would) during micro-batch `call`."""
+    calls = {"n": 0}
+
+    def loss_fn(model, x, y):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_mod.lm_loss(model, x, y)
+
+    return loss_fn
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    """Stopped by Ctrl-C mid-run and resumed, a run logs the same losses as one uninterrupted run (to 1e-6)."""
+    settings = dict(max_steps=12, eval_every=4, grad_accum=2, batch_size=4)
+    whole = run(data, tmp_path / "whole", **settings)
+    out = tmp_path / "split"
+    first = train(resolve({"data": str(data), "out_dir": str(out), **FAST, **settings}),
+                  loss_fn=interrupt_at(2 * 6 + 1))  # during step 7: that step finishes, then the checkpoint
+    assert first.interrupted and first.step == 7
+    assert json.loads((out / "last" / "nanogemma.json").read_text())["step"] == 7
+    second = train(resolve({"out_dir": str(out), "resume": True, "progress": False}))
+    assert not second.interrupted and second.step == 12
+    resumed = first.losses + second.losses
+    assert len(resumed) == 12
+    assert max(abs(a - b) for a, b in zip(whole.losses, resumed, strict=True)) <= 1e-6
+    logged = [r["loss"] for r in records(out)]
+    assert logged == pytest.approx(whole.losses, abs=1e-6)  # metrics.jsonl reads like one run
+    assert second.val_loss == pytest.approx(whole.val_loss, abs=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    def poisoned(model, x, y):
+        calls["n"] += 1
+        loss = step_mod.lm_loss(model, x, y)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    with pytest.raises(NanogemmaError, match=r"loss became nan at step 5.*last good checkpoint .*step 4"):
+        train(resolve({"data": str(data), "out_dir": str(out), **FAST, "max_steps": 10, "eval_every": 2}),
+              loss_fn=poisoned)
+    meta = json.loads((out / "last" / "nanogemma.json").read_text())
+    assert meta["step"] == 4
+    from nanogemma.weights import load_state
+
+    _, state, _ = load_state(out / "last")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nan_message_on_the_command_line(data, tmp_path, capsys, monkeypatch):
+    import nanogemma.train.loss as loss_mod
+    from nanogemma import cli
+
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy",
+                        lambda h, w, y: (h.sum() * 0 + float("inf")))
+    code = cli.main(["train", "--data", str(data), "--out-dir", str(tmp_path / "r"), "--preset", "tiny",
+                     "--progress=false", "--max-steps=3"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 1 and err.startswith("nanogemma: error: the training loss became inf at step 1")
+    assert "Traceback" not in err and "no checkpoint was written yet" in err
+
+
+def test_accumulation_equals_bigger_batch(data, tmp_path):
+    """4 windows x 2 accumulated micro-batches = one batch of 8: same windows, same mean gradient."""
+    a = run(data, tmp_path / "a", max_steps=5, eval_every=0, sample_tokens=0, batch_size=8, grad_accum=1)
+    b = run(data, tmp_path / "b", max_steps=5, eval_every=0, sample_tokens=0, batch_size=4, grad_accum=2)
+    assert a.losses == pytest.approx(b.losses, abs=1e-5)
+
+
+def test_mfu_is_logged_with_a_peak(data, tmp_path):
+    run(data, tmp_path / "run", max_steps=2, eval_every=0, sample_tokens=0, peak_tflops=1.0)
+    mfu = [r["mfu"] for r in records(tmp_path / "run")]
+    assert all(0 < m < 1 for m in mfu)  # a CPU thread does a few GFLOP/s of a pretend 1 TFLOP/s peak
+
+
+def test_untied_head(data, tmp_path):
+    import nanogemma
+
+    run(data, tmp_path / "run", max_steps=2, eval_every=0, sample_tokens=0, tie_embeddings=False)
+    model, _ = nanogemma.load(tmp_path / "run")
+    assert model.lm_head is not None and not torch.equal(model.lm_head.weight, model.embed.weight)
+
+
+def test_float16_unscales_before_clipping(data, tmp_path):
+    """float16 autocast with a gradient scaler: the logged norm is the true one, not 65,536 times it."""
+    ref = run(data, tmp_path / "fp32", max_steps=2, eval_every=0, sample_tokens=0)
+    half = run(data, tmp_path / "fp16", max_steps=2, eval_every=0, sample_tokens=0, dtype="float16")
+    n32 = [r["grad_norm"] for r in records(tmp_path / "fp32")]
+    n16 = [r["grad_norm"] for r in records(tmp_path / "fp16")]
+    assert n16[0] == pytest.approx(n32[0], rel=0.05)
+    assert half.losses[0] == pytest.approx(ref.losses[0], abs=0.02)
+    trainer = torch.load(tmp_path / "fp16" / "last" / "trainer.pt", weights_only=True)
+    assert trainer["scaler"]["scale"] > 1.0  # the scaler's state is checkpointed
+
+
+def test_bfloat16_autocast_keeps_float32_master_weights(data, tmp_path):
+    r = run(data, tmp_path / "run", max_steps=2, eval_every=0, sample_tokens=0, dtype="bfloat16")
+    assert all(math.isfinite(x) for x in r.losses)
+    trainer = torch.load(tmp_path / "run" / "last" / "trainer.pt", weights_only=True)
+    moments = [s["exp_avg"] for s in trainer["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
