@@ -37,39 +37,355 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout",
-                       description="Continue a prompt with a Gemma 3 model, streaming the new text to stdout.")
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (else --prompt-file, else standard input)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
-    _add_model_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 for greedy decoding (default); > 0 samples from softmax(logits / T)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
+def _add_speed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-wo"],
+                   help="int8 weights for faster CPU decoding: int8 (dynamic, fastest on x86) or int8-wo "
+                        "(weight-only); see docs/BENCHMARKS.md")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step over a static cache (CUDA graphs on a GPU)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, top_k: int | None = None,
+                        top_p: float | None = None) -> None:
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 for greedy decoding; > 0 samples from softmax(logits / T) (default {temperature})")
+    p.add_argument("--top-k", type=int, default=top_k, help="sample only among the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=top_p,
                    help="sample only among the smallest set of tokens whose probability reaches P")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than P times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the text (default 1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def _sampling(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                          args.seed).validate()
+
+
+def _load_for_inference(args: argparse.Namespace):
+    from .quantize import load_for_inference
+
+    return load_for_inference(args.model, args.dtype, args.device, args.quantize)
+
+
+def _unescape(text: str) -> str:
+    """Shells pass "\n" as two characters; stop strings usually mean the newline."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in text else text
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue prompts, streaming the text to stdout",
+                       description="Continue one or more prompts with a Gemma 3 model. One prompt streams its "
+                                   "new text to stdout; several are generated together as a batch.")
+    p.add_argument("prompt", nargs="*", default=None,
+                   help="the prompt; several arguments are several prompts (else --prompt-file, --prompts-file, "
+                        "else standard input)")
+    p.add_argument("--prompt-file", default=None, help="read one prompt from this UTF-8 file")
+    p.add_argument("--prompts-file", default=None,
+                   help="read several prompts from this UTF-8 file, one prompt a line (empty lines skipped)")
+    _add_model_flags(p)
+    _add_speed_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="most tokens to generate per prompt (default 64); generation also ends at the "
+                        "model's context limit")
+    _add_sampling_flags(p)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (not printed); repeat for several")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to the prompt")
+    p.add_argument("--backend", default="torch", choices=["torch", "jax"],
+                   help="torch (default) or jax: the same model in JAX, jitted (pip install 'nanogemma[jax]')")
     p.set_defaults(run=_run_generate)
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    given = [n for n, v in (("arguments", args.prompt), ("--prompt-file", args.prompt_file),
+                            ("--prompts-file", args.prompts_file)) if v]
+    if len(given) > 1:
+        raise NanogemmaError(f"give prompts one way only, not with both {given[0]} and {given[1]}")
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise NanogemmaError(f"prompts file not found: {path}")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise NanogemmaError(f"{path} holds no prompts (one prompt a line)")
+        return prompts
+    if args.prompt:
+        return list(args.prompt)
+    args.prompt = None
+    return [_read_prompt(args)]
+
+
 def _run_generate(args: argparse.Namespace) -> int:
+    if getattr(args, "backend", "torch") == "jax":
+        from .jax.cli import run_generate
+
+        return run_generate(args)
+    from .generate import run_cli
+
+    return run_cli(args, _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop])
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk with a model in the terminal (Gemma's chat template)",
+                       description="An interactive chat: each reply streams as it is generated, and the "
+                                   "conversation stays in the KV cache, so earlier turns are not recomputed. "
+                                   "Commands: /reset, /exit. Best with an instruction-tuned (-it) model.")
+    _add_model_flags(p)
+    _add_speed_flags(p)
+    p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
+    _add_sampling_flags(p, temperature=1.0, top_k=64, top_p=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of conversation kept (default 8192, at most the model's context)")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from .chat import run_cli
+
+    return run_cli(args, _sampling(args))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="prefill and decode speed, time to first token and memory, per mode",
+                       description="Measure prefill tokens/s, decode tokens/s, time to first token and peak "
+                                   "memory for each mode (each in a fresh process), optionally against "
+                                   "transformers on the same prompt.")
+    p.add_argument("--model", default=None, help="as for generate (default: the official 270M GGUF)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated: float32, bfloat16, int8, int8-wo, and any of them with +compile "
+                        "(default float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain "
+                        "and +compile)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens to decode (default 256)")
+    p.add_argument("--compare", default=None, choices=["transformers"],
+                   help="also run transformers' generate (float32) on the same prompt and print ratios")
+    p.add_argument("--peak-bandwidth", type=float, default=None,
+                   help="the device's memory bandwidth in GB/s, to print the achieved fraction")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every worker (default: PyTorch's choice, one per core)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_cli
+
+    return run_cli(args)
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a text dataset into train.bin / val.bin for training",
+                       description="Tokenize a text dataset into flat token files (train.bin, val.bin) and "
+                                   "meta.json, in parallel. Safe to interrupt: re-running finishes the job, "
+                                   "and re-running a finished job does nothing.")
+    p.add_argument("--source", action="append", default=None, metavar="SOURCE",
+                   help="a Hugging Face dataset (default roneneldan/TinyStories; hf:NAME forces the hub), "
+                        ".txt / .jsonl / .parquet files or folders (also .gz; repeat --source for several), "
+                        "or synthetic:N for N stories of the built-in story grammar")
+    p.add_argument("--out", default=None, help="output folder (default data/<source>-<tokenizer>)")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (default), gemma, or bpe:N (a byte-level BPE of N tokens trained on the data)")
+    p.add_argument("--tokenizer-file", default=None,
+                   help="local gpt2.tiktoken, used when tiktoken cannot download it (or $NANOGEMMA_GPT2_TIKTOKEN)")
+    p.add_argument("--text-column", default="text", help="text column (Parquet, datasets) or field (JSON lines)")
+    p.add_argument("--delimiter", default=None,
+                   help="documents in .txt files are separated by this string, e.g. '<|endoftext|>' "
+                        r"(escapes such as \n are understood); default: one document per line")
+    p.add_argument("--split", default="train", help="the training split's name (default train)")
+    p.add_argument("--val-split", default=None,
+                   help="the validation split's name (default: validation, valid, val or dev if present)")
+    p.add_argument("--hf-config", default=None, help="configuration (subset) of a Hugging Face dataset")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents held out for validation when the source has no validation split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and of synthetic stories")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other arguments")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    delimiter = args.delimiter
+    if delimiter and "\\" in delimiter:  # shells pass "\n" as two characters
+        delimiter = delimiter.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
+                text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
+                hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty())
+    if r.skipped:
+        print(f"{r.folder} is already prepared with these arguments: nothing to do")
+        return 0
+    m, s = r.meta, r.meta["splits"]
+    print(f"{r.folder}: train {s['train']['tokens']:,} tokens ({s['train']['documents']:,} documents), "
+          f"val {s['val']['tokens']:,} tokens ({s['val']['documents']:,} documents); {m['tokenizer']['spec']}, "
+          f"{m['tokenizer']['vocab_size']:,} ids as {m['dtype']}; {r.tokens_per_second:,.0f} tokens/s")
+    if "synthetic" in m:
+        print(f"entropy floor of this grammar: {m['synthetic']['entropy_nats_per_token']:.4f} nats/token")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="config, parameters, KV-cache bytes and FLOPs of a model",
+                       description="Show a model's config, its parameters per component, the KV-cache bytes per "
+                                   "token by layer type and at a chosen context, and the FLOPs per token.")
+    p.add_argument("--model", default=None,
+                   help="a preset name (gemma3-270m, the default, gemma3-1b, -4b, -12b, -27b, tiny: other presets "
+                        "need no weights), a .gguf file, a Hugging Face folder or a nanogemma run folder")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length for the KV-cache and FLOPs figures (default: the model's maximum)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="number format for the weight and KV-cache bytes (default float32)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspect_model import load_for_inspect, render, report
+
+    if args.context is not None and args.context < 1:
+        raise NanogemmaError(f"--context must be at least 1, got {args.context}")
+    cfg, state, source = load_for_inspect(args.model)
+    r = report(cfg, state, args.context, args.dtype)
+    print(json.dumps(r, indent=2) if args.json else render(r, source))
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="compare nanogemma with transformers, step by step, on a checkpoint",
+                       description="Run nanogemma and the reference (transformers) on the same weights and tokens; "
+                                   "print the largest difference after the embedding, each block's attention "
+                                   "and MLP, the final norm and the logits. Exit 1 past the tolerance.")
+    _add_model_flags(p)
+    p.add_argument("--prompt", default=None, help="the text to run (default: a built-in paragraph)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="repeat the prompt up to N tokens (default: sliding window + 32, so sliding layers drop "
+                        "keys, or the prompt's length if longer)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest allowed max|ours-ref| / max|ref| (default 1e-4 in float32, 1e-2 in bfloat16)")
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import generate
-    from .weights import load
+    from .verify import DEFAULT_PROMPT, verify
 
-    prompt = _read_prompt(args)
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    report = verify(args.model, args.prompt or DEFAULT_PROMPT, args.tokens, getattr(torch, args.dtype),
+                    args.device, args.tolerance)
+    print(report.table())
+    return 0 if report.passed else 1
 
-    def emit(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
-    generate(model, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, add_bos=not args.no_bos, stream=emit)
-    sys.stdout.write("\n")
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and accuracy on data; story quality graded by a judge LLM",
+                       description="Evaluate a model: loss, perplexity and token accuracy on a prepared dataset "
+                                   "or text files, and/or story quality scored by a language model through an "
+                                   "OpenAI-compatible chat endpoint.")
+    _add_model_flags(p)
+    g = p.add_argument_group("loss, perplexity and token accuracy")
+    g.add_argument("--data", default=None, help="a prepared dataset folder (made by `nanogemma prepare`)")
+    g.add_argument("--split", default="val", help="which split of --data (default val)")
+    g.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="UTF-8 text files (one document each), tokenized with the model's tokenizer")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default 512)")
+    g.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    g.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    j = p.add_argument_group("story quality, judged by a language model")
+    j.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (POSTs to /chat/completions)")
+    j.add_argument("--judge-model", default=None, help="the judge's model name at that endpoint")
+    j.add_argument("--judge-key-env", default=None,
+                   help="environment variable holding the API key (default: OPENAI_API_KEY if set)")
+    j.add_argument("--prompts", default=None,
+                   help="prompt file: JSON lines {\"prompt\": ..., \"instruction\": ...} or one prompt per line "
+                        "(default: 10 built-in story prompts, 4 with instructions)")
+    j.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
+    j.add_argument("--samples", type=int, default=2, help="stories generated per prompt (default 2)")
+    j.add_argument("--max-new-tokens", type=int, default=200, help="story length limit in tokens (default 200)")
+    j.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    j.add_argument("--top-k", type=int, default=64, help="top-k sampling (default 64)")
+    j.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (default 0.95)")
+    j.add_argument("--seed", type=int, default=0, help="first sampling seed; story i uses seed + i (default 0)")
+    p.add_argument("--out", default=None, help="write results as JSON here (judging: default eval_judge.json)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_cli
+
+    return run_cli(args)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.cli import add_arguments
+
+    p = sub.add_parser("train", help="train from scratch or fine-tune, resumably; torchrun for several devices")
+    add_arguments(p)  # one flag per training setting, generated from nanogemma.train.TrainConfig
+    p.add_argument("--backend", default="torch", choices=["torch", "jax"],
+                   help="torch (default) or jax: the same run with a jitted JAX step; checkpoints cross over")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if args.backend == "jax":
+        from .jax.cli import run_train
+
+        return run_train(args)
+    from .train.cli import run
+
+    return run(args)
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="PNG curves of a training run: loss, validation loss, learning rate",
+                       description="Draw the training and validation loss and the learning rate of a run "
+                                   "(from RUN_DIR/metrics.jsonl) into a PNG file.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of `nanogemma train`")
+    p.add_argument("--out", default=None, help="the PNG file to write (default RUN_DIR/curves.png)")
+    p.add_argument("--title", default=None, help="the figure's title (default: the run folder's name)")
+    p.set_defaults(run=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir, args.out, args.title))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a trained model as a Hugging Face Gemma 3 checkpoint",
+                       description="Export a model (a run folder of `nanogemma train`, RUN_DIR/last, or any "
+                                   "model --model accepts) as config.json + model.safetensors + tokenizer "
+                                   "files that transformers loads with from_pretrained.")
+    p.add_argument("source", metavar="RUN_DIR", help="the model to export")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write")
+    p.add_argument("--to", required=True, choices=["hf"], help="output format: hf (Hugging Face transformers)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the written weights (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_hf
+
+    print(export_hf(args.source, args.out_dir, args.dtype, args.overwrite))
     return 0
 
 
@@ -77,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    _add_chat(sub)
+    _add_bench(sub)
+    _add_inspect(sub)
+    _add_verify(sub)
+    _add_eval(sub)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_plot(sub)
+    _add_export(sub)
     return parser
 
 

@@ -1,42 +1,246 @@
-"""Autoregressive generation: the simple, obviously-correct loop, with streaming text output.
+"""Autoregressive generation with the KV cache: prefill the prompt in chunks, then decode one token a step.
 
-Each step runs the model over the whole sequence so far and samples the next token from the last position.
-That is O(T²) work per token — the KV-cache engine avoids it — but it is the definition every faster path
-is tested against.
+The pieces:
+
+* `Session` owns a `KVCache` and feeds it: `prefill(rows)` runs the prompts through the model in chunks
+  (left-padding a batch so every row ends at the same column) and `step(tokens)` feeds one token per row.
+  Both return the next-token logits. A chat keeps one session across turns, so earlier turns are never
+  recomputed. With `compile=...` the decode step is a `torch.compile`d function over a static-shape cache
+  (`mode="reduce-overhead"` on CUDA, i.e. CUDA graphs); prefill stays eager.
+* `Decoder` is the sampling loop over a batch: it yields one token per row each step, stops a row at a stop
+  token (<eos>, <end_of_turn>) or when the caller says so (a stop string), and stops everything at
+  `max_new_tokens` or the context limit.
+* `generate` / `generate_batch` turn text into text, with streaming and stop strings (`TextStream`).
+
+**The context limit.** A prompt must leave room for at least one new token: a prompt of `max_seq_len`
+tokens or more is an error. Generation then ends at the context limit exactly as it ends at
+`max_new_tokens` — the text is returned, shorter than asked.
+
+`use_cache=False` keeps the original definition: re-run the model over the whole sequence for every token.
+It is O(T²) and exists so the tests can prove the cached path gives the same tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import Tensor
 
+from .cache import KVCache
 from .errors import NanogemmaError
 from .model import Gemma
-from .sampling import sample, validate
+from .sampling import Sampler, SamplingParams
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class Session:
+    """A model plus a KV cache for `batch` rows of at most `max_len` tokens (pads included)."""
+
+    def __init__(self, model: Gemma, batch: int = 1, max_len: int | None = None, compile: bool | str = False,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        cfg = model.config
+        self.model, self.batch = model, batch
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        if prefill_chunk < 1:
+            raise NanogemmaError(f"the prefill chunk must be >= 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache(cfg, batch, self.max_len, model.dtype, model.device, static=bool(compile))
+        self.pads = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # per-row left padding
+        self._pos = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # next decode position
+        self._step_fn = self._compile(compile) if compile else self._eager_step
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def length(self) -> int:
+        """Columns in the cache (the longest row's tokens)."""
+        return self.cache.length
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        self.cache.reset()
+        self.pads = torch.zeros_like(self.pads)
+
+    # ------------------------------------------------------------------------------------------ feeding
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[Sequence[int]], pad_id: int = 0) -> Tensor:
+        """Feed each row's tokens; returns float logits (B, V) for the token after each row's last one.
+
+        Rows may differ in length only on an empty cache (they are left-padded); later calls append equal
+        numbers of tokens to every row, e.g. the next turn of a chat.
+        """
+        if len(rows) != self.batch:
+            raise NanogemmaError(f"this session holds {self.batch} row(s), got {len(rows)} prompt(s)")
+        longest = max(len(r) for r in rows)
+        if min(len(r) for r in rows) == 0:
+            raise NanogemmaError("a prompt is empty and no <bos> was added: nothing to continue")
+        if longest != min(len(r) for r in rows) and self.length > 0:
+            raise NanogemmaError("rows of different lengths can only be fed to an empty session")
+        self.cache.check_room(longest)
+        device = self.model.device
+        if self.length == 0:
+            self.pads = torch.tensor([[longest - len(r)] for r in rows], device=device)
+        ids = torch.tensor([[pad_id] * (longest - len(r)) + list(r) for r in rows], device=device)
+        logits = None
+        for start in range(0, longest, self.prefill_chunk):
+            chunk = ids[:, start:start + self.prefill_chunk]
+            cols = torch.arange(self.length, self.length + chunk.shape[1], device=device)
+            logits = self.model(chunk, cols[None] - self.pads, self.cache, last_only=True)[:, -1]
+            self.cache.advance(chunk.shape[1])
+        self._pos = self.pads.neg() + self.length
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row, tokens (B,) -> float logits (B, V)."""
+        self.cache.check_room(1)
+        self.cache.cursor.masks.clear()  # normally empty; not after a step that was interrupted midway
+        logits = self._step_fn(tokens.view(self.batch, 1), self._pos)
+        self.cache.advance(1)
+        self._pos += 1
+        return logits
+
+    def _eager_step(self, ids: Tensor, pos: Tensor) -> Tensor:
+        return self.model(ids, pos, self.cache, last_only=True)[:, -1]
+
+    def _compile(self, how: bool | str) -> Callable[[Tensor, Tensor], Tensor]:
+        """A compiled decode step. `how`: True (inductor; CUDA graphs on a GPU) or a backend name ("eager",
+        "aot_eager": no C++ compiler needed, which is how the CPU tests exercise this path)."""
+        cuda = self.model.device.type == "cuda"
+        self.cache.mark_static()  # needed by CUDA graphs, harmless elsewhere (and so covered by CPU tests)
+        options = {"backend": how} if isinstance(how, str) else {"mode": "reduce-overhead" if cuda else None}
+        model, cache = self.model, self.cache
+
+        def decode_step(ids: Tensor, pos: Tensor) -> Tensor:
+            return model(ids, pos, cache, last_only=True)[:, -1]
+
+        compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
+        # CUDA graphs reuse their output buffer on the next replay: copy the logits out.
+        return (lambda ids, pos: compiled(ids, pos).clone()) if cuda else compiled
+
+
+class Decoder:
+    """Sample up to `max_new_tokens` per row; iterate to get one list of tokens per step (None: row done).
+
+    A row stops at a token in `stop_ids` (not yielded) or when the caller calls `finish(row)` (e.g. a
+    stop string appeared). The last sampled token is never fed back, so no step is wasted.
+    """
+
+    def __init__(self, model: Gemma, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 params: SamplingParams | None = None, stop_ids: set[int] | None = None,
+                 compile: bool | str = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_id: int = 0):
+        self.params = (params or SamplingParams()).validate()
+        if max_new_tokens < 0:
+            raise NanogemmaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        if not prompts:
+            raise NanogemmaError("no prompts to continue")
+        limit = model.config.max_seq_len
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise NanogemmaError(f"a prompt has {longest} tokens; the model's context is {limit}: shorten it")
+        self.model, self.prompts, self.pad_id = model, [list(p) for p in prompts], pad_id
+        self.max_new = min(max_new_tokens, limit - longest)  # generation ends at the context limit
+        self.stop_ids = stop_ids or set()
+        self.done = [False] * len(prompts)
+        self.compile, self.prefill_chunk = compile, prefill_chunk
+
+    def finish(self, row: int) -> None:
+        self.done[row] = True
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int | None]]:
+        if self.max_new == 0:
+            return
+        B = len(self.prompts)
+        session = Session(self.model, B, max(len(p) for p in self.prompts) + self.max_new, self.compile,
+                          self.prefill_chunk)
+        sampler = Sampler(self.params, B, self.model.config.vocab_size, self.model.device)
+        sampler.observe(self.prompts)
+        logits = session.prefill(self.prompts, self.pad_id)
+        for i in range(self.max_new):
+            tokens = sampler(logits)
+            out: list[int | None] = []
+            for b, t in enumerate(tokens.tolist()):
+                if not self.done[b] and t in self.stop_ids:
+                    self.done[b] = True
+                out.append(None if self.done[b] else t)
+            if all(self.done):
+                return
+            yield out
+            if all(self.done) or i == self.max_new - 1:  # the caller may have finished rows meanwhile
+                return
+            logits = session.step(tokens)
+
+
+@torch.inference_mode()
+def generate_ids(model: Gemma, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_ids: set[int] | None = None, *, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, use_cache: bool = True, compile: bool | str = False,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[int]:
+    """Yield new token ids of one prompt; stops at a stop id (not yielded), max_new_tokens or the context."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if use_cache:
+        for row in Decoder(model, [ids], max_new_tokens, params, stop_ids, compile, prefill_chunk):
+            if row[0] is None:
+                return
+            yield row[0]
+        return
+    # The reference: recompute everything for every token.
+    decoder = Decoder(model, [ids], max_new_tokens, params, stop_ids)  # validates like the cached path
+    sampler = Sampler(decoder.params, 1, model.config.vocab_size, model.device)
+    sampler.observe([ids])
+    seq = torch.tensor([ids], dtype=torch.long, device=model.device)
+    for _ in range(decoder.max_new):
+        token = sampler(model(seq, last_only=True)[:, -1])
+        if stop_ids and int(token) in stop_ids:
+            return
+        yield int(token)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- text
 
 
 class TextStream:
-    """Incremental detokenisation that never splits a multi-byte character.
+    """Incremental detokenisation with stop strings.
 
-    A UTF-8 character can span several byte-fallback tokens; decoding a prefix of them gives U+FFFD. We
-    decode everything generated so far and hold back a trailing U+FFFD until the next token completes it.
+    A UTF-8 character can span several byte-fallback tokens; decoding a prefix of them gives U+FFFD, so a
+    trailing U+FFFD is held back until the next token completes it. Text that could be the start of a
+    stop string is held back too, until it either completes the stop string (then `stopped` is set and the
+    text ends just before it) or stops matching.
     """
 
-    def __init__(self, tok):
+    def __init__(self, tok, stop: Sequence[str] = ()):
         self.tok, self.ids, self.emitted = tok, [], 0
+        self.stop = [s for s in stop if s]
+        self.stopped = False
+        self.text = ""
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        return self._emit(text, final=False)
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
+        return self._emit(self.tok.decode(self.ids), final=True)
+
+    def _emit(self, text: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        self.text = text
+        safe = len(text)
+        if not final and not self.stopped:
+            safe -= max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                         if text.endswith(s[:k])), default=0)
+        piece = text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
         return piece
 
 
@@ -48,44 +252,76 @@ def stop_ids_for(tok) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
-def generate_ids(model: Gemma, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_ids: set[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time; stops at a stop id (not yielded), max_new_tokens or the context."""
-    validate(temperature, top_k, top_p)
-    limit = model.config.max_seq_len
-    if len(ids) == 0:
-        raise NanogemmaError("the prompt is empty and no <bos> was added: nothing to continue")
-    if len(ids) >= limit:
-        raise NanogemmaError(f"the prompt has {len(ids)} tokens; the model's context is {limit}: shorten it")
-    gen = torch.Generator(device=model.device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    seq = torch.tensor([ids], dtype=torch.long, device=model.device)
-    for _ in range(min(max_new_tokens, limit - len(ids))):  # generation ends at the context limit
-        logits = model(seq, last_only=True)[:, -1]
-        nxt = sample(logits, temperature, top_k, top_p, gen)
-        token = int(nxt.item())
-        if stop_ids and token in stop_ids:
-            return
-        yield token
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,
+                   params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
+                   stream: Callable[[int, str], None] | None = None, compile: bool | str = False,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[str]:
+    """Continue several prompts together; returns the new text of each. `stream(row, piece)` sees text as it comes.
+
+    Greedy results equal generating each prompt alone: rows are left-padded and the pads masked out.
+    """
+    ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
+    pad = getattr(tok, "pad_id", 0) or 0
+    decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), compile, prefill_chunk, pad)
+    streams = [TextStream(tok, stop) for _ in prompts]
+    for row in decoder:
+        for b, token in enumerate(row):
+            if token is None:
+                continue
+            piece = streams[b].push(token)
+            if piece and stream:
+                stream(b, piece)
+            if streams[b].stopped:
+                decoder.finish(b)
+    for b, s in enumerate(streams):
+        tail = s.flush()
+        if tail and stream:
+            stream(b, tail)
+    return [s.text for s in streams]
 
 
 def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             add_bos: bool = True, stream: Callable[[str], None] | None = None) -> str:
-    """Continue `prompt`; return the new text only. `stream` is called with each new piece of text."""
-    stream_text = TextStream(tok)
-    for token in generate_ids(model, tok.encode(prompt, add_bos=add_bos), max_new_tokens, temperature,
-                              top_k, top_p, seed, stop_ids_for(tok)):
-        piece = stream_text.push(token)
-        if piece and stream:
-            stream(piece)
-    tail = stream_text.flush()
-    if tail and stream:
-        stream(tail)
-    return stream_text.tok.decode(stream_text.ids)
+             add_bos: bool = True, stream: Callable[[str], None] | None = None, *, min_p: float | None = None,
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (), compile: bool | str = False,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> str:
+    """Continue `prompt`; return the new text only. `stream` is called with each new piece of text.
+
+    Stops at <eos>/<end_of_turn>, at the first of the `stop` strings (which is not included), after
+    `max_new_tokens`, or at the context limit. Sampling is reproducible with `seed`.
+    """
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    sink = (lambda _row, piece: stream(piece)) if stream else None
+    return generate_batch(model, tok, [prompt], max_new_tokens, params, add_bos, stop, sink, compile,
+                          prefill_chunk)[0]
+
+
+def run_cli(args, prompts: list[str], params: SamplingParams, stop: list[str]) -> int:
+    """`nanogemma generate`: one prompt streams to stdout; several print as blocks (or JSON lines) when done."""
+    import json
+    import sys
+
+    from .quantize import load_for_inference
+
+    if args.batch_size < 1:
+        raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize)
+
+    def emit(_row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    single = len(prompts) == 1 and not args.jsonl
+    for first in range(0, len(prompts), args.batch_size):
+        group = prompts[first:first + args.batch_size]
+        texts = generate_batch(model, tok, group, args.max_new_tokens, params, add_bos=not args.no_bos,
+                               stop=stop, stream=emit if single else None, compile=args.compile)
+        for i, (prompt, text) in enumerate(zip(group, texts, strict=True)):
+            if args.jsonl:
+                print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
+            elif single:
+                sys.stdout.write("\n")
+            else:
+                print(f"=== [{first + i + 1}] {prompt}", flush=True)
+                print(text, end="\n\n", flush=True)
+    return 0

@@ -195,8 +195,8 @@ class Gemma(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         x = self.final_norm(x)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, w)
+        # A separate head is called as a module, so a quantized one (quantize.py) can stand in for it.
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
     def forward(self, ids: Tensor, pos: Tensor | None = None, cache: object | None = None,
                 last_only: bool = False) -> Tensor:

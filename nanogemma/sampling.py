@@ -1,42 +1,131 @@
-"""Turning next-token logits into a token: greedy, temperature, top-k and top-p (nucleus) sampling."""
+"""Turning next-token logits into a token.
+
+The steps, in the order they apply (the order most tools use, so settings carry over):
+
+1. **Repetition penalty** r (CTRL-style): every token already in the sequence has its logit pushed towards
+   "less likely" — divided by r if positive, *multiplied* by r if negative. Dividing a negative logit would
+   raise it, i.e. reward repetition; that is the classic bug this rule avoids.
+2. **Greedy** if temperature is 0: the argmax, whatever the filters below say.
+3. **Temperature** T: logits / T. Below 1 sharpens the distribution, above 1 flattens it.
+4. **Filters**, each setting logits outside it to -inf:
+   top-k keeps the k largest; top-p (nucleus) keeps the smallest set of most likely tokens whose probability
+   reaches p; min-p keeps tokens whose probability is at least min_p times the most likely one's.
+5. **Draw** from the softmax with a `torch.Generator`: the same seed gives the same tokens.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-
-def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits: (B, V) float."""
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+from .errors import NanogemmaError
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
-    """logits (B, V) -> token ids (B,). Temperature 0 is greedy (argmax), whatever top-k/top-p say."""
-    logits = logits.float()
-    if temperature <= 0.0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+@dataclass
+class SamplingParams:
+    """How to pick each token. The defaults are greedy decoding with no penalty."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        validate(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
 
 
-def validate(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    from .errors import NanogemmaError
-
+def validate(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None,
+             repetition_penalty: float = 1.0) -> None:
+    """Raise a NanogemmaError naming the flag that is out of range."""
     if temperature < 0:
         raise NanogemmaError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise NanogemmaError(f"--top-k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise NanogemmaError(f"--top-p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise NanogemmaError(f"--min-p must be in [0, 1], got {min_p}")
+    if not repetition_penalty > 0:
+        raise NanogemmaError(f"--repetition-penalty must be > 0 (1 means none), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """logits (B, V); seen (B, V) bool, True for tokens already in the row's sequence."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None) -> Tensor:
+    """Set to -inf every logit outside the top-k, the top-p nucleus and the min-p floor. logits: (B, V)."""
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p is not None and min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed.
+        floor = logits.max(-1, keepdim=True).values + torch.log(torch.tensor(min_p))
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None, min_p: float | None = None) -> Tensor:
+    """logits (B, V) -> token ids (B,). Temperature 0 is greedy (argmax), whatever the filters say."""
+    logits = logits.float()
+    if temperature <= 0.0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p, min_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Sampler:
+    """Sampling with state: the seeded generator and, for the repetition penalty, which tokens each row has seen."""
+
+    def __init__(self, params: SamplingParams, batch: int, vocab_size: int, device: torch.device | str = "cpu"):
+        self.params = params.validate()
+        self.generator = torch.Generator(device=device)
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        self.seen = (torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+                     if params.repetition_penalty != 1.0 else None)
+
+    def observe(self, rows: list[list[int]] | Tensor) -> None:
+        """Record tokens (prompt or generated) for the repetition penalty: a list per row, or a (B,) tensor."""
+        if self.seen is None:
+            return
+        if isinstance(rows, Tensor):
+            self.seen.scatter_(1, rows.view(-1, 1).to(self.seen.device), True)
+            return
+        for b, ids in enumerate(rows):
+            if ids:
+                self.seen[b, torch.tensor(ids, device=self.seen.device)] = True
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """logits (B, V) -> next tokens (B,); the chosen tokens are recorded as seen."""
+        p = self.params
+        logits = logits.float()
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
+        tokens = sample(logits, p.temperature, p.top_k, p.top_p, self.generator, p.min_p)
+        self.observe(tokens)
+        return tokens

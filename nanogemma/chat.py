@@ -1,0 +1,158 @@
+"""Multi-turn chat with Gemma's template, the whole conversation kept in one KV cache.
+
+Gemma's chat format (what `tokenizer_config.json`'s template produces) is
+
+    <bos><start_of_turn>user
+    {system}\\n\\n{first user message}<end_of_turn>
+    <start_of_turn>model
+    {reply}<end_of_turn>
+    <start_of_turn>user
+    ...
+
+Gemma has no system role: a system prompt is folded into the first user turn, followed by a blank line.
+Messages are stripped of surrounding whitespace, as the template does.
+
+Each turn feeds the cache only what is new: the end of the previous reply, the user's message and the
+`<start_of_turn>model\\n` header. The reply's own tokens were fed while it was generated, so earlier turns
+are never recomputed. A reply ends at <end_of_turn> (or <eos>, which base models may emit instead);
+whichever way it ended, the next turn first closes it with `<end_of_turn>\\n`, so the history the model
+sees always has the template's shape.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import torch
+
+from .errors import NanogemmaError
+from .generate import DEFAULT_PREFILL_CHUNK, Session, TextStream, stop_ids_for
+from .model import Gemma
+from .sampling import Sampler, SamplingParams
+
+# Gemma's recommended sampling for chat; plain greedy decoding tends to loop in long replies.
+CHAT_DEFAULTS = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)
+DEFAULT_CONTEXT = 8192  # tokens of history kept per conversation (the cache is preallocated for it)
+
+
+class Chat:
+    """A conversation: `chat.send("Hi")` returns the model's reply; the history lives in the KV cache."""
+
+    def __init__(self, model: Gemma, tok, system: str | None = None, params: SamplingParams | None = None,
+                 max_new_tokens: int = 1024, context: int | None = None, compile: bool | str = False,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        self.model, self.tok = model, tok
+        self.system = system.strip() if system and system.strip() else None
+        self.params = (params or CHAT_DEFAULTS).validate()
+        if max_new_tokens < 1:
+            raise NanogemmaError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+        context = min(context or DEFAULT_CONTEXT, model.config.max_seq_len)
+        self.session = Session(model, 1, context, compile, prefill_chunk)
+        self.stop_ids = stop_ids_for(tok)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache is emptied, not reallocated)."""
+        self.session.reset()
+        self.sampler = Sampler(self.params, 1, self.model.config.vocab_size, self.model.device)
+        self.turns = 0
+        self.pending: int | None = None  # the reply's last sampled token, not yet fed to the cache
+        self.fed: list[int] = []  # every token in the cache, in order (for inspection and tests)
+
+    def turn_tokens(self, message: str) -> list[int]:
+        """The tokens this turn adds to the cache: close the last reply, the user's turn, the model header."""
+        text = message.strip()
+        if self.turns == 0:
+            prefix, lead = [self.tok.bos_id], ""
+            if self.system:
+                text = f"{self.system}\n\n{text}"
+        else:
+            # A reply that stopped on <end_of_turn> is closed by feeding that token; one that stopped otherwise
+            # (length, <eos>, interrupted) gets the <end_of_turn> the template would have written.
+            keep = self.pending is not None and self.pending not in self.stop_ids
+            prefix, lead = ([self.pending] if keep else []) + [self.tok.end_of_turn_id], "\n"
+        body = f"{lead}<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
+        return prefix + self.tok.encode(body, add_bos=False)
+
+    @torch.inference_mode()
+    def send(self, message: str, stream: Callable[[str], None] | None = None) -> str:
+        """Add a user message, generate the reply (streamed piece by piece to `stream`), return its text."""
+        if not message.strip():
+            raise NanogemmaError("the message is empty")
+        ids = self.turn_tokens(message)
+        room = self.session.max_len - self.session.length - len(ids)
+        if room < 1:
+            raise NanogemmaError(f"the conversation would exceed the {self.session.max_len}-token context: "
+                                 "/reset to start over (or start chat with a larger --context)")
+        self.sampler.observe([ids])
+        logits = self.session.prefill([ids])
+        self.fed += ids
+        self.turns += 1
+        text = TextStream(self.tok)
+        self.pending = None
+        for i in range(min(self.max_new_tokens, room)):
+            token = self.sampler(logits)
+            self.pending = int(token)
+            if self.pending in self.stop_ids:
+                break
+            piece = text.push(self.pending)
+            if piece and stream:
+                stream(piece)
+            if i + 1 < min(self.max_new_tokens, room):
+                logits = self.session.step(token)
+                self.fed.append(self.pending)
+                self.pending = None
+        tail = text.flush()
+        if tail and stream:
+            stream(tail)
+        return text.text
+
+
+HELP = "Type a message and press Enter. Commands: /reset (forget the conversation), /exit (or Ctrl-D)."
+
+
+def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO = sys.stdout, prompt: str = "> ") -> int:
+    """The interactive loop: read a line, stream the reply; /reset and /exit. Returns the exit status."""
+    print(HELP, file=out, flush=True)
+    while True:
+        try:
+            line = read(prompt)
+        except EOFError:
+            print(file=out)
+            return 0
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            chat.reset()
+            print("(conversation reset)", file=out, flush=True)
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"unknown command {command}; {HELP}", file=out, flush=True)
+            continue
+        try:
+            chat.send(line, stream=lambda piece: (out.write(piece), out.flush()))
+        except NanogemmaError as e:
+            print(f"\nnanogemma: error: {e}", file=out, flush=True)
+            continue
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            print("\n(interrupted)", file=out, flush=True)
+            continue
+        print("\n", file=out, flush=True)
+
+
+def run_cli(args, params: SamplingParams) -> int:
+    """`nanogemma chat`: load, then the interactive loop."""
+    from .quantize import load_for_inference
+
+    if args.context is not None and args.context < 16:
+        raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize)
+    chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
+                context=args.context, compile=args.compile)
+    return run_chat(chat)

@@ -1,0 +1,144 @@
+"""Int8 weights for fast CPU decoding.
+
+Decoding one token reads every weight once and does little arithmetic with it, so at batch 1 its speed is
+set by memory traffic: bytes of weights per token. The 270M model's largest tensor is the tied
+262,144 x 640 output head (168M of its 268M parameters: 671 MB in float32). Storing weights as int8 with one
+float scale per output row quarters those bytes:
+
+    w[o, :] ~= q[o, :] * scale[o],   q in [-127, 127],   scale[o] = max|w[o, :]| / 127
+
+Two kernels are offered, both from PyTorch itself:
+
+* `int8` — **dynamic** int8 (fbgemm's packed-weight `quantized::linear_dynamic`): each call also rounds
+  the activations to 7 bits (one scale per call, computed on the fly), then multiplies integers with
+  AVX2. The fastest on x86 CPUs; the activation rounding adds a little error on top of the weights'.
+* `int8-wo` — **weight-only** int8 (`aten._weight_int8pack_mm`): activations stay in floating point and
+  the int8 weights are converted inside the kernel. More exact, slower on CPUs without AVX-512; it is also
+  the kernel on CUDA.
+
+The embedding lookup keeps the model's own table (exact inputs); only the head that reuses it is quantized.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import NanogemmaError
+from .model import Gemma
+
+MODES = ("int8", "int8-wo")
+
+# torch.compile cannot trace fbgemm's packed weights (an opaque C++ object), so compiled code reaches them
+# through an opaque custom op that takes the layer's key. Eager code calls fbgemm directly (less overhead).
+_LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("nanogemma::int8_linear", mutates_args=())
+def _int8_linear(x: Tensor, key: int, out_features: int) -> Tensor:
+    return _LAYERS[key].dynamic(x)
+
+
+@_int8_linear.register_fake
+def _(x: Tensor, key: int, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (q int8 (O, I), scale float32 (O,)) with w ~= q * scale[:, None]."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], 4096):  # in blocks: the float temporaries stay small and in cache
+        block = w[i:i + 4096].float()
+        s = (block.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # an all-zero row must not divide by zero
+        q[i:i + 4096] = (block / s[:, None]).round_().clamp_(-127, 127)  # not in place: block may be w
+        scale[i:i + 4096] = s
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer over int8 weights; see the module docstring for the two kernels."""
+
+    def __init__(self, weight: Tensor, kernel: str = "int8"):
+        super().__init__()
+        if kernel not in MODES:
+            raise NanogemmaError(f"unknown int8 kernel '{kernel}'; choose from: {', '.join(MODES)}")
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_rows(weight.detach())
+        self.kernel = kernel if weight.device.type == "cpu" else "int8-wo"  # fbgemm is CPU-only
+        if self.kernel == "int8":
+            # fbgemm wants a quantized tensor to pack; the packed form is opaque (not a state-dict tensor).
+            with warnings.catch_warnings():  # quantized tensor types are deprecated, the fbgemm ops are not
+                warnings.simplefilter("ignore", UserWarning)
+                zero = torch.zeros_like(scale, dtype=torch.long)
+                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+                self.packed = torch.ops.quantized.linear_prepack(qw, None)
+            self.key = next(_KEYS)
+            _LAYERS[self.key] = self
+        else:
+            self.register_buffer("q", q.to(weight.device))
+            self.register_buffer("scale", scale.to(weight.device))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+    def dynamic(self, x: Tensor) -> Tensor:
+        # reduce_range: 7-bit activations. AVX2's int8 multiply-add sums pairs of products into int16,
+        # which full-range uint8 x int8 products overflow (saturate): errors of several percent.
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "int8":
+            x2 = x2.float()
+            if torch.compiler.is_compiling():
+                y = _int8_linear(x2, self.key, self.out_features)
+            else:
+                y = self.dynamic(x2)
+            y = y.to(x.dtype)
+        elif x.device.type == "cpu" and x.dtype == torch.float32:
+            # On CPU the weight-only kernel is far faster with bfloat16 activations; results go back to fp32.
+            y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.q, self.scale.bfloat16()).float()
+        else:
+            try:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale.to(x.dtype))
+            except (RuntimeError, NotImplementedError):  # devices without the kernel: dequantize on the fly
+                y = F.linear(x2, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        return y.view(*shape, self.out_features)
+
+
+_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
+    """Replace every projection and the output head by `Int8Linear`, in place; returns the model."""
+    if mode not in MODES:
+        raise NanogemmaError(f"unknown quantization '{mode}'; choose from: {', '.join(MODES)}")
+    with torch.no_grad():
+        for block in model.layers:
+            for name in _LINEARS:
+                owner, attr = name.split(".")
+                parent = getattr(block, owner)
+                setattr(parent, attr, Int8Linear(getattr(parent, attr).weight, mode))
+        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head = Int8Linear(head, mode)  # model.logits calls lm_head when it is set
+    return model
+
+
+def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
+                       quantize: str | None = None):
+    """`nanogemma.load` plus the optional int8 conversion: what `generate`, `chat` and `bench` run."""
+    from .weights import load
+
+    model, tok = load(name_or_path, dtype=getattr(torch, dtype), device=device)
+    if quantize:
+        quantize_model(model, quantize)
+    return model, tok
+
