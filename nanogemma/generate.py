@@ -252,18 +252,13 @@ def stop_ids_for(tok) -> set[int]:
     return ids
 
 
-def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,
-                   params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
-                   stream: Callable[[int, str], None] | None = None, compile: bool | str = False,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[str]:
-    """Continue several prompts together; returns the new text of each. `stream(row, piece)` sees text as it comes.
+def stream_text(decoder, tok, rows: int, stop: Sequence[str] = (),
+                stream: Callable[[int, str], None] | None = None) -> list[str]:
+    """Turn a decoder's rows of new token ids into text: stop strings, whole characters, `stream(row, piece)`.
 
-    Greedy results equal generating each prompt alone: rows are left-padded and the pads masked out.
+    Shared by the PyTorch and JAX decoders: anything iterable over rows (None = row finished) with `finish(row)`.
     """
-    ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
-    pad = getattr(tok, "pad_id", 0) or 0
-    decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), compile, prefill_chunk, pad)
-    streams = [TextStream(tok, stop) for _ in prompts]
+    streams = [TextStream(tok, stop) for _ in range(rows)]
     for row in decoder:
         for b, token in enumerate(row):
             if token is None:
@@ -278,6 +273,20 @@ def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: in
         if tail and stream:
             stream(b, tail)
     return [s.text for s in streams]
+
+
+def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,
+                   params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
+                   stream: Callable[[int, str], None] | None = None, compile: bool | str = False,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[str]:
+    """Continue several prompts together; returns the new text of each. `stream(row, piece)` sees text as it comes.
+
+    Greedy results equal generating each prompt alone: rows are left-padded and the pads masked out.
+    """
+    ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
+    pad = getattr(tok, "pad_id", 0) or 0
+    decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), compile, prefill_chunk, pad)
+    return stream_text(decoder, tok, len(prompts), stop, stream)
 
 
 def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -179,8 +180,11 @@ def _gguf_name_map(num_layers: int) -> dict[str, str]:
     return names
 
 
-def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
-    """Parse and dequantise a Gemma 3 GGUF into (config, float32 state dict in nanogemma names)."""
+def read_gguf_arrays(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """Parse and dequantise a Gemma 3 GGUF into (config, float32 numpy arrays in nanogemma names).
+
+    numpy, not torch, so the JAX side reads GGUF files through the same code.
+    """
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
@@ -199,12 +203,17 @@ def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
             raise NanogemmaError(f"{path}: tensor '{name}' uses quantisation {t.tensor_type.name}, "
                                  "which the gguf package cannot dequantise") from None
         # F32 tensors come back as read-only views of the memory-mapped file: copy those.
-        arr = arr.reshape(tuple(reversed(t.shape.tolist()))).astype("float32", copy=not arr.flags.writeable)
-        w = torch.from_numpy(arr)
+        arr = arr.reshape(tuple(reversed(t.shape.tolist()))).astype(np.float32, copy=not arr.flags.writeable)
         if name.split(".")[-2] in _GGUF_NORMS or name == "output_norm.weight":
-            w = w - 1.0  # llama.cpp stores the (1 + w) norm weight already offset by one
-        state[names[name]] = w
+            arr -= np.float32(1.0)  # llama.cpp stores the (1 + w) norm weight already offset by one
+        state[names[name]] = arr
     return cfg, state
+
+
+def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    """Parse and dequantise a Gemma 3 GGUF into (config, float32 state dict in nanogemma names)."""
+    cfg, arrays = read_gguf_arrays(path)
+    return cfg, {k: torch.from_numpy(a) for k, a in arrays.items()}
 
 
 def load_gguf(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:

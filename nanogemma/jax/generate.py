@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import GemmaConfig
 from ..errors import NanogemmaError
-from ..generate import TextStream, stop_ids_for
+from ..generate import stop_ids_for, stream_text
 from ..sampling import SamplingParams
 from .cache import KVCache, init_cache
 from .model import JaxGemma, config_key, forward_cached
@@ -288,21 +288,7 @@ def generate_batch(model: JaxGemma, tok, prompts: Sequence[str], max_new_tokens:
     ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
     pad = getattr(tok, "pad_id", 0) or 0
     decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), prefill_chunk, pad)
-    streams = [TextStream(tok, stop) for _ in prompts]
-    for row in decoder:
-        for b, token in enumerate(row):
-            if token is None:
-                continue
-            piece = streams[b].push(token)
-            if piece and stream:
-                stream(b, piece)
-            if streams[b].stopped:
-                decoder.finish(b)
-    for b, s in enumerate(streams):
-        tail = s.flush()
-        if tail and stream:
-            stream(b, tail)
-    return [s.text for s in streams]
+    return stream_text(decoder, tok, len(prompts), stop, stream)
 
 
 def generate(model: JaxGemma, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -127,30 +127,8 @@ def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
 
 
 def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
-    """Dequantise a Gemma 3 GGUF into (config, float32 numpy state); the numpy twin of `weights.read_gguf`."""
-    from gguf.quants import dequantize
-
-    reader = W.open_gguf(path)
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise NanogemmaError(f"{path}: GGUF has no 'token_embd.weight' tensor; is it a Gemma 3 language model?")
-    cfg = W.gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]))
-    names = W._gguf_name_map(cfg.num_layers)
-    state = {}
-    for name, t in tensors.items():
-        if name not in names:
-            raise NanogemmaError(f"{path}: tensor '{name}' does not belong to a Gemma 3 text model")
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise NanogemmaError(f"{path}: tensor '{name}' uses quantisation {t.tensor_type.name}, "
-                                 "which the gguf package cannot dequantise") from None
-        # GGUF lists dimensions fastest-first: reversed from ours.
-        arr = arr.reshape(tuple(reversed(t.shape.tolist()))).astype(np.float32)
-        if name.split(".")[-2] in W._GGUF_NORMS or name == "output_norm.weight":
-            arr = arr - np.float32(1.0)  # llama.cpp stores the (1 + w) norm weight already offset by one
-        state[names[name]] = arr
-    return cfg, state
+    """Dequantise a Gemma 3 GGUF into (config, float32 numpy state), through the same code as PyTorch."""
+    return W.read_gguf_arrays(path)
 
 
 def load_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
