@@ -216,12 +216,17 @@ def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     return cfg, {k: torch.from_numpy(a) for k, a in arrays.items()}
 
 
+def gguf_cache_file(path: Path) -> Path:
+    """Where the dequantised weights of a GGUF are cached: keyed by content, shared with nanogemma.jax."""
+    return cache_dir() / "weights" / f"{file_digest(path)}-v{CACHE_VERSION}.safetensors"
+
+
 def load_gguf(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """GGUF -> (config, state), through the safetensors cache keyed by the file's SHA-256."""
     path = Path(path)
     if not path.is_file():
         raise NanogemmaError(f"model file not found: {path}")
-    cached = cache_dir() / "weights" / f"{file_digest(path)}-v{CACHE_VERSION}.safetensors"
+    cached = gguf_cache_file(path)
     if cached.is_file():
         try:
             return _read_cache(cached)

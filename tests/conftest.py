@@ -54,3 +54,24 @@ def gpt2_tiktoken_file() -> Path:
     if not p.is_file():
         pytest.skip(f"GPT-2 ranks file not found at {p}")
     return p
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A fresh NANOGEMMA_CACHE, so a test sees only the caches it writes."""
+    monkeypatch.setenv("NANOGEMMA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(config, state) of a random `tiny` model whose norm weights are non-zero too."""
+    from nanogemma.config import get_preset
+    from nanogemma.model import Gemma
+
+    cfg = get_preset("tiny")
+    model = Gemma(cfg).init_weights(seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.2)
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -15,27 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanogemma.config import get_preset, to_hf_config
+from nanogemma.config import to_hf_config
 from nanogemma.errors import NanogemmaError
 from nanogemma.jax.load import check_state, load_params, read_state, save_run
-from nanogemma.model import Gemma
 from nanogemma.weights import _gguf_name_map, hf_state_dict, load_state, read_gguf
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOGEMMA_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = get_preset("tiny")
-    model = Gemma(cfg).init_weights(seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.2)
-    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def assert_same(params, state):

@@ -18,26 +18,12 @@ from safetensors.torch import save_file
 
 from nanogemma.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from nanogemma.errors import NanogemmaError
-from nanogemma.model import Gemma
 from nanogemma.weights import _gguf_name_map, build_model, hf_state_dict, load_gguf, load_hf, load_state
 
 TOL = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 8e-2}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOGEMMA_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = get_preset("tiny")
-    model = Gemma(cfg).init_weights(seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.2)
-    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def write_gguf(path, cfg, state, qtype=Q.F32, arch="gemma3", drop=(), extra=None):

@@ -135,7 +135,7 @@ def load_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     """GGUF -> (config, state) through the SHA-256-keyed safetensors cache shared with `nanogemma.weights`."""
     if not path.is_file():
         raise NanogemmaError(f"model file not found: {path}")
-    cached = W.cache_dir() / "weights" / f"{W.file_digest(path)}-v{W.CACHE_VERSION}.safetensors"
+    cached = W.gguf_cache_file(path)
     if cached.is_file():
         try:
             state, meta = _read_safetensors(cached)

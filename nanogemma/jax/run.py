@@ -35,7 +35,7 @@ from ..train import build, tokenizer_files
 from ..train import checkpoint as ckpt
 from ..train.config import TrainConfig
 from ..train.data import Dataset, WindowSampler, open_dataset, validation_offsets
-from ..train.loop import StopRequest, TrainResult
+from ..train.loop import StopRequest, TrainResult, evaluate_and_checkpoint
 from ..train.monitor import Monitor, train_flops_per_token
 from ..train.schedule import WarmupCosine
 from .load import to_params
@@ -246,19 +246,7 @@ class JaxRun:
                 monitor.record("train", self.step, loss=loss, lr=lr, grad_norm=norm, tokens=self.tokens,
                                tokens_per_s=tps, mfu=mfu, skipped=False, time=round(result.seconds, 3))
                 window_time, window_tokens = 0.0, 0
-            final = self.step == cfg.max_steps
-            saved = False
-            if final or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                val_loss, best = self.evaluate()
-                result.val_loss = val_loss
-                every = cfg.checkpoint_every
-                if best or final or not every or self.step % every == 0:
-                    self.save("last", val_loss)
-                    saved = True
-                    if best:
-                        self.save_best(val_loss)
-            if not saved and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save("last")
+            evaluate_and_checkpoint(self, result)
         result.step, result.tokens, result.best_val_loss = self.step, self.tokens, self.best_val
         result.tokens_per_s = len(result.losses) * self.tokens_per_step / max(result.seconds, 1e-9)
         return result

@@ -86,6 +86,27 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def evaluate_and_checkpoint(run, result: TrainResult) -> None:
+    """After an optimizer step: evaluate every `eval_every` steps and at the end, and write `last` (and
+    `best`) when due. Shared by the PyTorch `Run` and the JAX one, which offer the same
+    `cfg`, `step`, `evaluate()`, `save()` and `save_best()`.
+    """
+    cfg = run.cfg
+    final = run.step == cfg.max_steps
+    saved = False
+    if final or (cfg.eval_every and run.step % cfg.eval_every == 0):
+        val_loss, best = run.evaluate()
+        result.val_loss = val_loss
+        every = cfg.checkpoint_every
+        if best or final or not every or run.step % every == 0:
+            run.save("last", val_loss)
+            saved = True
+            if best:
+                run.save_best(val_loss)
+    if not saved and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+        run.save("last")
+
+
 class Run:
     """The state of one training process. `train()` below is the whole lifecycle."""
 
@@ -203,7 +224,6 @@ class Run:
         loss_fn = loss_fn or LanguageModelLoss(self.model, fused=not cfg.fsdp)
         self.monitor = monitor
         result = TrainResult(self.run_dir, self.step, self.tokens, best_val_loss=self.best_val)
-        val_loss = None
         window_time, window_tokens = 0.0, 0
         while self.step < cfg.max_steps:
             if any_flag(stop.requested, self.world):
@@ -232,20 +252,7 @@ class Run:
                 monitor.record("train", self.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=self.tokens,
                                tokens_per_s=tps, mfu=mfu, skipped=r.skipped, time=round(result.seconds, 3))
                 window_time, window_tokens = 0.0, 0
-            final = self.step == cfg.max_steps
-            evaluate_now = final or (cfg.eval_every and self.step % cfg.eval_every == 0)
-            saved = False
-            if evaluate_now:
-                val_loss, best = self.evaluate()
-                result.val_loss = val_loss
-                every = cfg.checkpoint_every
-                if best or final or not every or self.step % every == 0:
-                    self.save("last", val_loss)
-                    saved = True
-                    if best:
-                        self.save_best(val_loss)
-            if not saved and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save("last")
+            evaluate_and_checkpoint(self, result)
         result.step, result.tokens, result.best_val_loss = self.step, self.tokens, self.best_val
         result.tokens_per_s = len(result.losses) * self.tokens_per_step / max(result.seconds, 1e-9)
         return result
