@@ -53,7 +53,7 @@ def main() -> None:
     print(f"load, process start to first logits: cold {cold:.1f} s, warm {warm:.2f} s (best of 3)")
 
     import nanogemma
-    from nanogemma.weights import default_gguf_path
+    from nanogemma.weight_files import default_gguf_path
 
     model, tok = nanogemma.load()
     ids = tok.encode(args.prompt)

@@ -23,7 +23,7 @@ import torch
 
 
 def decode_torch(model, ids: list[int], n: int) -> tuple[list[int], list[float], float]:
-    from nanogemma.generate import Decoder, Session
+    from nanogemma.generation import Decoder, Session
 
     with torch.inference_mode():
         session = Session(model, 1, len(ids) + 1)
@@ -38,7 +38,7 @@ def decode_torch(model, ids: list[int], n: int) -> tuple[list[int], list[float],
 
 
 def decode_jax(model, ids: list[int], n: int) -> tuple[list[int], list[float], float]:
-    from nanogemma.jax.generate import Decoder, Session
+    from nanogemma.jax.generation import Decoder, Session
 
     session = Session(model, 1, len(ids) + n)  # the Decoder's shapes: compiled once, shared
     t = time.perf_counter()

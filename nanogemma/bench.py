@@ -103,7 +103,7 @@ def worker_nanogemma(spec: dict) -> dict:
     """Measure one mode in this (fresh) process; `spec['t_spawn']` is when the parent started it."""
     import torch
 
-    from .generate import Decoder, Session
+    from .generation import Decoder, Session
     from .weights import load
 
     dtype, quant, compiled = parse_mode(spec["mode"])
@@ -148,11 +148,11 @@ def worker_transformers(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .weights import _resolve
+    from .weight_files import resolve_model
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    kind, path = _resolve(spec["model"])
+    kind, path = resolve_model(spec["model"])
     if kind == "run":
         raise NanogemmaError("--compare transformers needs a .gguf file or a Hugging Face folder")
     t0 = time.perf_counter()
@@ -276,7 +276,7 @@ def run_cli(args: argparse.Namespace) -> int:
     import torch
 
     from .tokenizer import load_tokenizer
-    from .weights import _resolve
+    from .weight_files import resolve_model
 
     if args.prompt_tokens < 2 or args.new_tokens < 2:
         raise NanogemmaError("--prompt-tokens and --new-tokens must be at least 2")
@@ -288,7 +288,7 @@ def run_cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in (args.modes or default).split(",") if m.strip()]
     for m in modes:
         parse_mode(m)
-    _, path = _resolve(args.model)
+    _, path = resolve_model(args.model)
     ids = prompt_ids(load_tokenizer(path), args.prompt_tokens)
     if args.threads is not None and args.threads < 1:
         raise NanogemmaError(f"--threads must be >= 1, got {args.threads}")

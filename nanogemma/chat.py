@@ -27,10 +27,11 @@ from typing import TextIO
 
 import torch
 
+from .decoding import SamplingParams, TextStream, stop_ids_for
 from .errors import NanogemmaError
-from .generate import DEFAULT_PREFILL_CHUNK, Session, TextStream, stop_ids_for
+from .generation import DEFAULT_PREFILL_CHUNK, Session
 from .model import Gemma
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 
 # Gemma's recommended sampling for chat; plain greedy decoding tends to loop in long replies.
 CHAT_DEFAULTS = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)

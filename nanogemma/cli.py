@@ -60,7 +60,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, to
 
 
 def _sampling(args: argparse.Namespace):
-    from .sampling import SamplingParams
+    from .decoding import SamplingParams
 
     return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
                           args.seed).validate()
@@ -128,7 +128,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         from .jax.cli import run_generate
 
         return run_generate(args)
-    from .generate import run_cli
+    from .generation import run_cli
 
     return run_cli(args, _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop])
 

@@ -214,7 +214,8 @@ def render(r: dict[str, Any], title: str = "") -> str:
 def load_for_inspect(name_or_path: str | None) -> tuple[GemmaConfig, dict[str, torch.Tensor] | None, str]:
     """A preset name gives its config without weights; anything else is loaded (weights memory-mapped)."""
     from .config import PRESETS
-    from .weights import DEFAULT_MODEL, load_state
+    from .weight_files import DEFAULT_MODEL
+    from .weights import load_state
 
     if name_or_path is not None and name_or_path in PRESETS and name_or_path != DEFAULT_MODEL:
         return PRESETS[name_or_path].replace(), None, f"preset {name_or_path} (config only, no weights)"

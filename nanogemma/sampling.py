@@ -15,47 +15,10 @@ The steps, in the order they apply (the order most tools use, so settings carry 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from .errors import NanogemmaError
-
-
-@dataclass
-class SamplingParams:
-    """How to pick each token. The defaults are greedy decoding with no penalty."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> SamplingParams:
-        validate(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-def validate(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None,
-             repetition_penalty: float = 1.0) -> None:
-    """Raise a NanogemmaError naming the flag that is out of range."""
-    if temperature < 0:
-        raise NanogemmaError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise NanogemmaError(f"--top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise NanogemmaError(f"--top-p must be in (0, 1], got {top_p}")
-    if min_p is not None and not 0.0 <= min_p <= 1.0:
-        raise NanogemmaError(f"--min-p must be in [0, 1], got {min_p}")
-    if not repetition_penalty > 0:
-        raise NanogemmaError(f"--repetition-penalty must be > 0 (1 means none), got {repetition_penalty}")
+from .decoding import SamplingParams
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

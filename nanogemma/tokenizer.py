@@ -103,7 +103,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """The tokenizer embedded in a GGUF file; built once, then loaded from the cache."""
-        from .weights import cache_dir, file_digest
+        from .weight_files import cache_dir, file_digest
 
         path = Path(path).expanduser()
         if not path.is_file():
@@ -160,7 +160,7 @@ class Tokenizer:
 def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
     """None -> the default 270M GGUF; a .gguf file; or a folder with tokenizer files (or one .gguf)."""
     if source is None:
-        from .weights import default_gguf_path
+        from .weight_files import default_gguf_path
 
         return Tokenizer.from_gguf(default_gguf_path())
     path = Path(source).expanduser()
@@ -211,7 +211,7 @@ def _build(pieces: list[str], types: list[int], unk: str, bos: str | None) -> _B
 
 def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any]]:
     """(backend, special ids...) from a GGUF's `tokenizer.ggml.*` metadata."""
-    from .weights import open_gguf
+    from .weight_files import open_gguf
 
     reader = open_gguf(path)
 

@@ -14,7 +14,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     """The official Gemma 3 270M GGUF (assembled once by the weights package)."""
-    from nanogemma.weights import default_gguf_path
+    from nanogemma.weight_files import default_gguf_path
 
     return default_gguf_path()
 

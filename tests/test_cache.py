@@ -13,7 +13,7 @@ import torch
 from nanogemma.cache import KVCache, cache_size
 from nanogemma.config import GLOBAL, get_preset
 from nanogemma.errors import NanogemmaError
-from nanogemma.generate import Decoder, Session, generate_ids
+from nanogemma.generation import Decoder, Session, generate_ids
 from nanogemma.model import Gemma
 
 

@@ -10,9 +10,9 @@ from test_generate import cli, one_thread, tiny_hf  # noqa: F401  (fixtures, sha
 
 from nanogemma.chat import Chat, run_chat
 from nanogemma.config import get_preset
+from nanogemma.decoding import SamplingParams
 from nanogemma.errors import NanogemmaError
 from nanogemma.model import Gemma
-from nanogemma.sampling import SamplingParams
 
 GREEDY = SamplingParams()
 

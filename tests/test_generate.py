@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from nanogemma.config import get_preset, to_hf_config
+from nanogemma.decoding import SamplingParams, TextStream
 from nanogemma.errors import NanogemmaError
-from nanogemma.generate import TextStream, generate, generate_batch, generate_ids
+from nanogemma.generation import generate, generate_batch, generate_ids
 from nanogemma.model import Gemma
 from nanogemma.quantize import Int8Linear, quantize_model
-from nanogemma.sampling import SamplingParams
 
 
 @pytest.fixture(autouse=True)

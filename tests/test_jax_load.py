@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from nanogemma.config import to_hf_config
 from nanogemma.errors import NanogemmaError
 from nanogemma.jax.load import check_state, load_params, read_state, save_run
-from nanogemma.weights import _gguf_name_map, hf_state_dict, load_state, read_gguf
+from nanogemma.weight_files import gguf_name_map, hf_state_dict
+from nanogemma.weights import load_state, read_gguf
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -67,7 +68,7 @@ def write_gguf(path, cfg, state):
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_global_base)
     w.add_sliding_window(cfg.sliding_window)
-    for gguf_name, ours in _gguf_name_map(cfg.num_layers).items():
+    for gguf_name, ours in gguf_name_map(cfg.num_layers).items():
         arr = state[ours].numpy()
         w.add_tensor(gguf_name, arr + 1.0 if "norm" in gguf_name else arr)
     w.write_header_to_file()
@@ -147,3 +148,61 @@ def test_bad_sources(tmp_path, tiny):
         load_params(folder)
     with pytest.raises(NanogemmaError, match="float16 overflows"):
         load_params(hf_folder(tmp_path / "hf", cfg, state), "float16")
+
+
+_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` from here on raises ImportError
+import numpy as np
+import nanogemma.jax as ngj
+from nanogemma.jax.generation import generate_ids
+
+out = {}
+for kind, path in zip(sys.argv[2::2], sys.argv[3::2]):
+    cfg, params, _ = ngj.load_params(path)
+    model = ngj.JaxGemma(cfg, params)
+    ids = [2, 17, 5, 99, 3, 42, 7, 8, 250, 11, 13, 1]
+    out[kind + "_logits"] = np.asarray(model([ids]))
+    out[kind + "_greedy"] = np.asarray(list(generate_ids(model, ids, 12)))
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_loads_and_generates_without_torch(tmp_path, tiny):
+    """Issue 6: `nanogemma.jax` reads GGUF, Hugging Face and run folders on a machine without torch."""
+    import subprocess
+    import sys
+
+    from nanogemma.generation import generate_ids as torch_generate_ids
+    from nanogemma.weights import build_model
+
+    cfg, state = tiny
+    gguf_file = write_gguf(tmp_path / "tiny.gguf", cfg, state)
+    hf = hf_folder(tmp_path / "hf", cfg, state)
+    _, params, _ = load_params(hf)
+    save_run(tmp_path / "run", cfg, params, {})
+    sources = {"gguf": gguf_file, "hf": hf, "run": tmp_path / "run"}
+    args = [str(tmp_path / "out.npz")] + [str(x) for kv in sources.items() for x in kv]
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    model = build_model(cfg, state)
+    ids = [2, 17, 5, 99, 3, 42, 7, 8, 250, 11, 13, 1]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).numpy()
+    want_greedy = list(torch_generate_ids(model, ids, 12))
+    for kind in sources:
+        np.testing.assert_allclose(got[kind + "_logits"], want, rtol=0, atol=1e-4, err_msg=kind)
+        assert got[kind + "_greedy"].tolist() == want_greedy, kind
+
+
+def test_import_nanogemma_does_not_import_torch():
+    """`import nanogemma` (and so `nanogemma --help`, `prepare`, the JAX side) leaves torch unloaded."""
+    import subprocess
+    import sys
+
+    code = "import sys, nanogemma, nanogemma.jax, nanogemma.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -13,13 +13,13 @@ import torch
 
 from nanogemma import model as pt
 from nanogemma.config import GLOBAL, get_preset
+from nanogemma.decoding import SamplingParams
 from nanogemma.errors import NanogemmaError
 from nanogemma.jax import model as jx
 from nanogemma.jax.cache import init_cache
-from nanogemma.jax.generate import Decoder, Session, _programs, filter_logits, generate_ids
+from nanogemma.jax.generation import Decoder, Session, _programs, filter_logits, generate_ids
 from nanogemma.jax.load import to_params
 from nanogemma.jax.model import JaxGemma
-from nanogemma.sampling import SamplingParams
 from nanogemma.sampling import filter_logits as t_filter_logits
 
 W = 8  # the tiny preset's sliding window
@@ -129,7 +129,7 @@ def test_cached_logits_equal_full_forward_across_many_wraps(pair, chunk):
 
 @pytest.mark.parametrize("n", [3, W, 2 * W + 5])
 def test_cached_generation_equals_uncached_and_pytorch(pair, n):
-    from nanogemma.generate import generate_ids as torch_generate_ids
+    from nanogemma.generation import generate_ids as torch_generate_ids
 
     model, jm = pair
     ids = prompt(n)
@@ -199,7 +199,7 @@ def test_sampling_is_seeded_and_respects_filters(pair):
 
 def test_repetition_penalty_matches_pytorch(pair):
     """Greedy with a penalty is deterministic: the same tokens as PyTorch's sampler, and not plain greedy."""
-    from nanogemma.generate import generate_ids as torch_generate_ids
+    from nanogemma.generation import generate_ids as torch_generate_ids
 
     model, jm = pair
     ids = prompt(6)
@@ -212,7 +212,7 @@ def test_temperature_sampling_draws_from_the_filtered_distribution():
     """20,000 draws at once (one row each) against the probabilities PyTorch's filters leave."""
     import jax
 
-    from nanogemma.jax.generate import sample
+    from nanogemma.jax.generation import sample
 
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
     p = SamplingParams(temperature=0.7, top_k=6, top_p=0.9)

@@ -40,7 +40,7 @@ def long_run(model_and_tok, jax_model) -> dict:
     PyTorch forward over prompt + generated tokens shows what PyTorch's greedy decoding would pick at each
     of the 64 steps — without paying for 64 PyTorch decode steps in the test.
     """
-    from nanogemma.jax.generate import generate_ids
+    from nanogemma.jax.generation import generate_ids
 
     model, tok = model_and_tok
     jm, _ = jax_model
@@ -122,7 +122,7 @@ def test_greedy_past_the_window_identical_to_pytorch(model_and_tok, long_run):
 
 def test_cached_prefill_equals_full_forward(jax_model, long_run):
     """The long prompt through the ring buffers in chunks: next-token logits equal the uncached forward's."""
-    from nanogemma.jax.generate import Session
+    from nanogemma.jax.generation import Session
 
     jm, _ = jax_model
     prompt = long_run["prompt"]

@@ -57,7 +57,7 @@ def test_greedy_generation_matches_reference(model_and_tok, ref_model, ref_token
     with torch.no_grad():
         ref_out = ref_model.generate(ids, max_new_tokens=64, do_sample=False, min_new_tokens=64)
     ref_new = ref_out[0, ids.shape[1]:].tolist()
-    from nanogemma.generate import generate_ids
+    from nanogemma.generation import generate_ids
 
     ours_new = list(generate_ids(model, ids[0].tolist(), max_new_tokens=64))
     matched = sum(a == b for a, b in zip(ours_new, ref_new, strict=False))

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from nanogemma.decoding import SamplingParams
 from nanogemma.errors import NanogemmaError
-from nanogemma.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits, sample
+from nanogemma.sampling import Sampler, apply_repetition_penalty, filter_logits, sample
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))  # probabilities, as logits
 

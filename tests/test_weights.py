@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from nanogemma.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from nanogemma.errors import NanogemmaError
-from nanogemma.weights import _gguf_name_map, build_model, hf_state_dict, load_gguf, load_hf, load_state
+from nanogemma.weight_files import gguf_name_map, hf_state_dict
+from nanogemma.weights import build_model, load_gguf, load_hf, load_state
 
 TOL = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 8e-2}
 
@@ -40,7 +41,7 @@ def write_gguf(path, cfg, state, qtype=Q.F32, arch="gemma3", drop=(), extra=None
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_global_base)
     w.add_sliding_window(cfg.sliding_window)
-    ours_to_gguf = {v: k for k, v in _gguf_name_map(cfg.num_layers).items()}
+    ours_to_gguf = {v: k for k, v in gguf_name_map(cfg.num_layers).items()}
     for ours, t in state.items():
         name = ours_to_gguf[ours]
         if name in drop:
@@ -208,3 +209,31 @@ def test_model_names_and_paths(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(NanogemmaError, match="not a .gguf file"):
         load_state(tmp_path / "weights.bin")
+
+
+def test_file_digest_is_remembered_until_the_file_changes(tmp_path):
+    import hashlib
+    import os
+
+    from nanogemma import weight_files
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"weights" * 1000)
+    real = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert weight_files.file_digest(f) == real
+    index_file = tmp_path / "cache" / "digests.json"
+    index = json.loads(index_file.read_text())
+    assert index[str(f.resolve())]["sha256"] == real
+    # A later process (fresh memo) takes the digest from the index without reading the file...
+    index[str(f.resolve())]["sha256"] = "remembered"
+    index_file.write_text(json.dumps(index))
+    weight_files._digest.cache_clear()
+    assert weight_files.file_digest(f) == "remembered"
+    # ...until the file's size or mtime changes; a damaged index is just rebuilt.
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert weight_files.file_digest(f) == real
+    index_file.write_text("{not json")
+    weight_files._digest.cache_clear()
+    assert weight_files.file_digest(f) == real
+    assert json.loads(index_file.read_text())[str(f.resolve())]["sha256"] == real

@@ -10,7 +10,7 @@ Modules, each the twin of a PyTorch one:
 * `model`    — the forward pass as pure functions over a dict of parameters in nanogemma's names;
 * `cache`    — a static KV cache (W-slot rings on sliding layers), a value passed into and out of jitted steps;
 * `load`     — GGUF / Hugging Face / run folders into JAX arrays via numpy, strictly; run folders out;
-* `generate` — jitted prefill and decode, greedy / temperature / top-k / top-p, compiled once per shape;
+* `generation` — jitted prefill and decode, greedy / temperature / top-k / top-p, compiled once per shape;
 * `train`    — a jitted optax training step (AdamW, warmup + cosine, accumulation, clipping).
 
 Everything a user can get wrong raises `nanogemma.NanogemmaError`, as in the PyTorch package.
@@ -25,7 +25,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
     raise NanogemmaError("the JAX backend needs JAX and optax: pip install 'nanogemma[jax]'") from e
 
-from .generate import generate  # binds the function over the submodule of the same name
+from .generation import generate  # the module is `generation`, so the name is the function
 from .load import load, load_params, save_run
 from .model import JaxGemma, forward, init_params
 

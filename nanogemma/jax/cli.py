@@ -23,7 +23,7 @@ def _check_device(device: str) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from ..cli import _read_prompts, _sampling, _unescape
-    from .generate import generate_batch
+    from .generation import generate_batch
     from .load import load
 
     if getattr(args, "quantize", None):

@@ -8,14 +8,14 @@ moved to JAX arrays of the asked dtype:
   <sha>-v1.safetensors`, config json in its metadata), memory-mapped as numpy arrays. On a cold
   cache the GGUF is dequantised in numpy by the `gguf` package and the cache written, byte-compatible
   with the one PyTorch writes, so either backend's first load serves the other.
-* **Hugging Face folders** — config.json through `from_hf_config`, tensors through `_hf_name`.
+* **Hugging Face folders** — config.json through `from_hf_config`, tensors through `ours_from_hf`.
 * **nanogemma run folders** — `nanogemma.json` ({"model": config, ...}) + `model.safetensors`.
 
 bfloat16 checkpoints arrive as `ml_dtypes.bfloat16` arrays, which JAX takes as they are.
 
-No torch tensor is made on the way: the name maps, config parsing and path rules come from
-`nanogemma.weights`, whose tensor-free helpers are reused rather than copied. (Importing that module, like
-importing the `nanogemma` package at all, still imports torch; torch is a core dependency.)
+Nothing here imports torch: the name maps, config parsing, path rules and GGUF dequantisation come from
+`nanogemma.weight_files`, which the PyTorch loaders use too, and the tokenizer is torch-free. So
+`import nanogemma.jax` and `load()` work on a machine without torch (`tests/test_jax_load.py` checks it).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from .. import weights as W
+from .. import weight_files as W
 from ..config import GemmaConfig, from_hf_config
 from ..errors import NanogemmaError
 from .model import JaxGemma, Params, param_shapes
@@ -145,7 +145,7 @@ def load_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     try:
         cfg, state = read_gguf(path)
     finally:
-        W._open_gguf.cache_clear()  # release the parsed vocabulary and the file mapping
+        W.release_gguf()
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()), "source": path.name})
@@ -161,10 +161,10 @@ def load_hf(folder: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     except (ValueError, json.JSONDecodeError) as e:
         raise NanogemmaError(f"{cfg_path}: {e}") from None
     state: dict[str, np.ndarray] = {}
-    for file in W._safetensors_files(folder):
+    for file in W.safetensors_files(folder):
         tensors, _ = _read_safetensors(file)
         for k, arr in tensors.items():
-            ours = W._hf_name(k)
+            ours = W.ours_from_hf(k)
             if ours is not None:
                 state[ours] = arr
     if cfg.tie_embeddings:
@@ -187,7 +187,7 @@ def load_run(folder: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
 
 def read_state(name_or_path: str | Path | None = None) -> tuple[GemmaConfig, dict[str, np.ndarray], Path]:
     """(config, numpy state in nanogemma names, resolved path) of any source `nanogemma.load` accepts."""
-    kind, path = W._resolve(name_or_path)
+    kind, path = W.resolve_model(name_or_path)
     reader = {"gguf": load_gguf, "hf": load_hf, "run": load_run}[kind]
     cfg, state = reader(Path(path))
     return cfg, state, Path(path)
@@ -209,7 +209,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | Any = "float32"):
         cfg, params, path = load_params(name_or_path, dtype)
         tok = load_tokenizer(path)
     finally:
-        W._open_gguf.cache_clear()  # release the parsed vocabulary and the file mapping
+        W.release_gguf()
     if tok.vocab_size > cfg.vocab_size:
         raise NanogemmaError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings; they do not belong together")

@@ -17,7 +17,7 @@ What must match PyTorch exactly (and does, to float32 rounding — see tests/tes
 * softmax in float32; the head is tied to the embedding.
 
 The config is not traced: every function takes the `GemmaConfig` as a plain Python argument, so a jitted
-caller closes over it (see `generate.py`, `train.py`) and each config compiles its own program.
+caller closes over it (see `generation.py`, `train.py`) and each config compiles its own program.
 """
 
 from __future__ import annotations

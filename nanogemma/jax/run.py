@@ -179,8 +179,8 @@ class JaxRun:
         cfg = self.cfg
         if cfg.sample_tokens == 0:
             return None
-        from ..sampling import SamplingParams
-        from .generate import generate_ids
+        from ..decoding import SamplingParams
+        from .generation import generate_ids
 
         tok = self.data.tokenizer
         start = tok.eot_id if tok.bos_id is None else tok.bos_id

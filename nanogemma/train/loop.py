@@ -185,7 +185,7 @@ class Run:
         cfg = self.cfg
         if cfg.sample_tokens == 0 or cfg.fsdp:
             return None  # sharded weights: generation would need every process in lockstep
-        from ..generate import generate_ids
+        from ..generation import generate_ids
 
         tok = self.data.tokenizer
         start = tok.eot_id if tok.bos_id is None else tok.bos_id  # what precedes a document in the data

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .decoding import SamplingParams, stop_ids_for, stream_text
 from .errors import NanogemmaError
 from .model import Gemma
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -198,81 +199,6 @@ def generate_ids(model: Gemma, ids: list[int], max_new_tokens: int, temperature:
             return
         yield int(token)
         seq = torch.cat([seq, token[:, None]], dim=1)
-
-
-# ---------------------------------------------------------------------------------------------- text
-
-
-class TextStream:
-    """Incremental detokenisation with stop strings.
-
-    A UTF-8 character can span several byte-fallback tokens; decoding a prefix of them gives U+FFFD, so a
-    trailing U+FFFD is held back until the next token completes it. Text that could be the start of a
-    stop string is held back too, until it either completes the stop string (then `stopped` is set and the
-    text ends just before it) or stops matching.
-    """
-
-    def __init__(self, tok, stop: Sequence[str] = ()):
-        self.tok, self.ids, self.emitted = tok, [], 0
-        self.stop = [s for s in stop if s]
-        self.stopped = False
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._emit(text, final=False)
-
-    def flush(self) -> str:
-        return self._emit(self.tok.decode(self.ids), final=True)
-
-    def _emit(self, text: str, final: bool) -> str:
-        if self.stopped:
-            return ""
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
-        self.text = text
-        safe = len(text)
-        if not final and not self.stopped:
-            safe -= max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
-                         if text.endswith(s[:k])), default=0)
-        piece = text[self.emitted:safe]
-        self.emitted = max(self.emitted, safe)
-        return piece
-
-
-def stop_ids_for(tok) -> set[int]:
-    """<eos> ends a document; <end_of_turn> ends a chat turn (instruction-tuned models emit it)."""
-    ids = {tok.eos_id}
-    if getattr(tok, "end_of_turn_id", None) is not None:
-        ids.add(tok.end_of_turn_id)
-    return ids
-
-
-def stream_text(decoder, tok, rows: int, stop: Sequence[str] = (),
-                stream: Callable[[int, str], None] | None = None) -> list[str]:
-    """Turn a decoder's rows of new token ids into text: stop strings, whole characters, `stream(row, piece)`.
-
-    Shared by the PyTorch and JAX decoders: anything iterable over rows (None = row finished) with `finish(row)`.
-    """
-    streams = [TextStream(tok, stop) for _ in range(rows)]
-    for row in decoder:
-        for b, token in enumerate(row):
-            if token is None:
-                continue
-            piece = streams[b].push(token)
-            if piece and stream:
-                stream(b, piece)
-            if streams[b].stopped:
-                decoder.finish(b)
-    for b, s in enumerate(streams):
-        tail = s.flush()
-        if tail and stream:
-            stream(b, tail)
-    return [s.text for s in streams]
 
 
 def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,

@@ -1,6 +1,6 @@
 """Generation in JAX: jitted prefill and decode over a static KV cache, compiled once per shape.
 
-The same pieces as `nanogemma/generate.py`, reshaped for a compiler:
+The same pieces as `nanogemma/generation.py`, reshaped for a compiler:
 
 * `Session` owns a static cache (`cache.py`) and two jitted functions: `prefill` feeds prompts in chunks of
   a fixed size (the last chunk padded), `step` feeds one token per row. Shapes depend only on (batch,
@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GemmaConfig
+from ..decoding import SamplingParams, stop_ids_for, stream_text
 from ..errors import NanogemmaError
-from ..generate import stop_ids_for, stream_text
-from ..sampling import SamplingParams
 from .cache import KVCache, init_cache
 from .model import JaxGemma, config_key, forward_cached
 
@@ -284,7 +283,7 @@ def generate_batch(model: JaxGemma, tok, prompts: Sequence[str], max_new_tokens:
                    params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
                    stream: Callable[[int, str], None] | None = None,
                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[str]:
-    """Continue several prompts together; returns each one's new text (as `nanogemma.generate.generate_batch`)."""
+    """Continue several prompts together; returns each one's new text (as `nanogemma.generation.generate_batch`)."""
     ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
     pad = getattr(tok, "pad_id", 0) or 0
     decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), prefill_chunk, pad)

