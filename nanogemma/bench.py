@@ -39,13 +39,14 @@ PROMPT_TEXT = (
 )
 
 
-def parse_mode(mode: str) -> tuple[str, str | None, bool]:
-    """'int8+compile' -> (dtype name, quantization or None, compile?)."""
-    base, _, extra = mode.partition("+")
-    if base not in MODES or extra not in ("", "compile"):
-        raise NanogemmaError(f"unknown bench mode '{mode}'; use {', '.join(MODES)}, each optionally +compile")
+def parse_mode(mode: str) -> tuple[str, str | None, bool, bool]:
+    """'int8+compile+spec' -> (dtype name, quantization or None, compile?, speculative?)."""
+    base, *extras = mode.split("+")
+    if base not in MODES or not set(extras) <= {"compile", "spec"} or len(set(extras)) != len(extras):
+        raise NanogemmaError(f"unknown bench mode '{mode}'; use {', '.join(MODES)}, each optionally "
+                             "+compile and/or +spec (self-speculative decoding)")
     dtype = "bfloat16" if base == "bfloat16" else "float32"
-    return dtype, (base if base.startswith("int8") else None), extra == "compile"
+    return dtype, (base if base.startswith("int8") else None), "compile" in extras, "spec" in extras
 
 
 def prompt_ids(tok, n: int) -> list[int]:
@@ -73,13 +74,15 @@ def weight_bytes_per_token(model) -> int:
 
 
 def steady_step(stamps: list[float]) -> float:
-    """Seconds per decode step from per-token time stamps: the median interval, after the first two.
+    """Seconds per decoded token from per-token time stamps: wall time over tokens, after the first two.
 
-    The first steps may compile (`+compile`); the median, unlike the mean, ignores the stalls that other
-    processes on a shared machine cause, so repeated runs agree.
+    The first steps may compile (`+compile`). A mean over the whole run, not a median of intervals:
+    speculative decoding delivers tokens in bursts, so only the mean measures it, and every mode (and
+    transformers) is measured the same way.
     """
-    gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:], strict=False)) or [stamps[-1] - stamps[0]]
-    return gaps[len(gaps) // 2]
+    if len(stamps) < 4:
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+    return (stamps[-1] - stamps[2]) / (len(stamps) - 3)
 
 
 def _peak_mb(device) -> float:
@@ -104,13 +107,14 @@ def worker_nanogemma(spec: dict) -> dict:
     import torch
 
     from .generation import Decoder, Session
+    from .speculative import Speculation
     from .weights import load
 
-    dtype, quant, compiled = parse_mode(spec["mode"])
+    dtype, quant, compiled, speculative = parse_mode(spec["mode"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    model, _ = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"])
+    model, tok = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"])
     if quant:
         from .quantize import quantize_model
 
@@ -130,12 +134,18 @@ def worker_nanogemma(spec: dict) -> dict:
             session.prefill([ids]).argmax(-1)
             _sync(device)
             prefill.append(time.perf_counter() - t)
-    stamps = []
+    stamps, generated = [], []
     t = time.perf_counter()
-    for _ in Decoder(model, [ids], n_new, stop_ids=set(), compile=compiled):
+    decoder = Decoder(model, [ids], n_new, stop_ids=set(), compile=compiled,
+                      speculation=Speculation.for_tokenizer(tok) if speculative else None)
+    for row in decoder:
         stamps.append(time.perf_counter())  # each stamp follows one sampled token
+        generated.append(row[0])
     step_s = steady_step(stamps)
+    stats = decoder.stats
     return {
+        "draft_accepted": stats.accepted / stats.drafted if stats and stats.drafted else None,
+        "token_ids": generated,
         "mode": spec["mode"], "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_s": stamps[0] - t,
         "compile_s": (stamps[1] - stamps[0]) if compiled else 0.0,
         "prefill_tok_s": len(ids) / min(prefill), "decode_tok_s": 1 / step_s, "tokens": len(stamps),
@@ -272,6 +282,23 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def _agreement(rows: list[dict]) -> str:
+    """For a +spec mode: how many of its tokens equal those of the same mode without speculation."""
+    new = rows[-1]
+    if "+spec" not in new["mode"]:
+        return ""
+    if new.get("draft_accepted") is not None:
+        note = f", {new['draft_accepted']:.0%} of drafts accepted"
+    else:
+        note = ""
+    plain = new["mode"].replace("+spec", "")
+    ref = next((r for r in rows if r["mode"] == plain), None)
+    if ref is None:
+        return note
+    same = sum(a == b for a, b in zip(new["token_ids"], ref["token_ids"], strict=False))
+    return f"{note}, {same}/{len(ref['token_ids'])} tokens equal {plain}'s"
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
@@ -306,7 +333,7 @@ def run_cli(args: argparse.Namespace) -> int:
         except NanogemmaError as e:  # one failing mode (say, no C++ compiler for +compile) spoils no other
             print(f"#   {mode}: failed: {e}", flush=True)
             continue
-        print(f"#   {mode}: {rows[-1]['decode_tok_s']:.1f} decode tok/s", flush=True)
+        print(f"#   {mode}: {rows[-1]['decode_tok_s']:.1f} decode tok/s{_agreement(rows)}", flush=True)
     if not any(r["mode"] != "transformers" for r in rows):
         raise NanogemmaError("every benchmark mode failed (see the lines above)")
     print(table(rows, args.peak_bandwidth or (gpu_bandwidth() if cuda else None)))

@@ -132,17 +132,20 @@ class KVCache(nn.Module):
     """
 
     def __init__(self, cfg: GemmaConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", static: bool = False):
+                 device: str | torch.device = "cpu", static: bool = False, spare: int = 0):
         super().__init__()
         device = torch.device(device)
         self.batch, self.max_len, self.static = batch, max_len, static
         self.cursor = _Cursor(device)
+        # `spare` extra ring slots let the last `spare` columns be taken back (`rollback`): the keys they
+        # overwrote are then still in the ring. The masks work from positions, so a longer ring is harmless.
         self.layers = nn.ModuleList(
             LayerCache(self.cursor, batch, cfg.num_kv_heads, cfg.head_dim,
-                       max_len if t == GLOBAL else min(cfg.sliding_window, max_len),
+                       max_len if t == GLOBAL else min(cfg.sliding_window + spare, max_len),
                        None if t == GLOBAL else cfg.sliding_window, static, dtype, device)
             for t in cfg.layer_types
         )
+        self.spare = spare
 
     @property
     def length(self) -> int:
@@ -164,6 +167,21 @@ class KVCache(nn.Module):
     def advance(self, n: int) -> None:
         self.cursor.length += n
         self.cursor.col.add_(n)
+        self.cursor.masks.clear()
+
+    @torch.inference_mode()
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` columns, as if they had never been fed (speculative decoding's rejected drafts)."""
+        if n > self.spare or n > self.length:
+            raise NanogemmaError(f"cannot take back {n} columns: the cache keeps {self.spare} spare slots "
+                                 f"and holds {self.length} columns")
+        if n == 0:
+            return
+        cols = torch.arange(self.length - n, self.length, device=self.cursor.col.device)
+        for layer in self.layers:
+            layer.pos.index_fill_(1, cols % layer.slots, -1)
+        self.cursor.length -= n
+        self.cursor.col.sub_(n)
         self.cursor.masks.clear()
 
     @torch.inference_mode()  # buffers made or written in inference mode may only be written there

@@ -32,6 +32,7 @@ from .decoding import SamplingParams, stop_ids_for, stream_text
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler
+from .speculative import DraftHead, Speculation, SpeculativeDecoder
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -40,14 +41,14 @@ class Session:
     """A model plus a KV cache for `batch` rows of at most `max_len` tokens (pads included)."""
 
     def __init__(self, model: Gemma, batch: int = 1, max_len: int | None = None, compile: bool | str = False,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, spare: int = 0):
         cfg = model.config
         self.model, self.batch = model, batch
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         if prefill_chunk < 1:
             raise NanogemmaError(f"the prefill chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(cfg, batch, self.max_len, model.dtype, model.device, static=bool(compile))
+        self.cache = KVCache(cfg, batch, self.max_len, model.dtype, model.device, static=bool(compile), spare=spare)
         self.pads = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # per-row left padding
         self._pos = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # next decode position
         self._step_fn = self._compile(compile) if compile else self._eager_step
@@ -95,15 +96,26 @@ class Session:
     @torch.inference_mode()
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row, tokens (B,) -> float logits (B, V)."""
+        return self.model.logits(self.step_hidden(tokens)).float()
+
+    @torch.inference_mode()
+    def step_hidden(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row, tokens (B,) -> the last block's output (B, hidden), before the final norm."""
         self.cache.check_room(1)
         self.cache.cursor.masks.clear()  # normally empty; not after a step that was interrupted midway
-        logits = self._step_fn(tokens.view(self.batch, 1), self._pos)
+        hidden = self._step_fn(tokens.view(self.batch, 1), self._pos)
         self.cache.advance(1)
         self._pos += 1
-        return logits
+        return hidden
+
+    @torch.inference_mode()
+    def rollback(self, n: int) -> None:
+        """Take back the last `n` tokens fed by `step` (the session needs `spare >= n`)."""
+        self.cache.rollback(n)
+        self._pos -= n
 
     def _eager_step(self, ids: Tensor, pos: Tensor) -> Tensor:
-        return self.model(ids, pos, self.cache, last_only=True)[:, -1]
+        return self.model.hidden(ids, pos, self.cache)[:, -1]
 
     def _compile(self, how: bool | str) -> Callable[[Tensor, Tensor], Tensor]:
         """A compiled decode step. `how`: True (inductor; CUDA graphs on a GPU) or a backend name ("eager",
@@ -114,10 +126,10 @@ class Session:
         model, cache = self.model, self.cache
 
         def decode_step(ids: Tensor, pos: Tensor) -> Tensor:
-            return model(ids, pos, cache, last_only=True)[:, -1]
+            return model.hidden(ids, pos, cache)[:, -1]
 
         compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
-        # CUDA graphs reuse their output buffer on the next replay: copy the logits out.
+        # CUDA graphs reuse their output buffer on the next replay: copy the hidden state out.
         return (lambda ids, pos: compiled(ids, pos).clone()) if cuda else compiled
 
 
@@ -130,7 +142,8 @@ class Decoder:
 
     def __init__(self, model: Gemma, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  params: SamplingParams | None = None, stop_ids: set[int] | None = None,
-                 compile: bool | str = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_id: int = 0):
+                 compile: bool | str = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_id: int = 0,
+                 speculation: Speculation | None = None):
         self.params = (params or SamplingParams()).validate()
         if max_new_tokens < 0:
             raise NanogemmaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
@@ -145,6 +158,9 @@ class Decoder:
         self.stop_ids = stop_ids or set()
         self.done = [False] * len(prompts)
         self.compile, self.prefill_chunk = compile, prefill_chunk
+        # Speculation pays off at batch 1, where a step costs its weights' read; a batch shares that read already.
+        self.speculation = speculation if len(prompts) == 1 else None
+        self.stats: SpeculativeDecoder | None = None
 
     def finish(self, row: int) -> None:
         self.done[row] = True
@@ -154,8 +170,12 @@ class Decoder:
         if self.max_new == 0:
             return
         B = len(self.prompts)
+        spec = self.speculation
         session = Session(self.model, B, max(len(p) for p in self.prompts) + self.max_new, self.compile,
-                          self.prefill_chunk)
+                          self.prefill_chunk, spare=spec.draft_tokens if spec else 0)
+        if spec:
+            yield from self._speculate(session, spec)
+            return
         sampler = Sampler(self.params, B, self.model.config.vocab_size, self.model.device)
         sampler.observe(self.prompts)
         logits = session.prefill(self.prompts, self.pad_id)
@@ -172,6 +192,18 @@ class Decoder:
             if all(self.done) or i == self.max_new - 1:  # the caller may have finished rows meanwhile
                 return
             logits = session.step(tokens)
+
+
+    def _speculate(self, session: Session, spec: Speculation) -> Iterator[list[int | None]]:
+        self.stats = SpeculativeDecoder(session, DraftHead(self.model, spec.common_ids), self.params,
+                                        spec.draft_tokens)
+        logits = session.prefill(self.prompts, self.pad_id)
+        for token in self.stats.run(self.prompts[0], logits, self.max_new):
+            if token in self.stop_ids:
+                return
+            yield [token]
+            if self.done[0]:
+                return
 
 
 @torch.inference_mode()

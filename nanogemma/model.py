@@ -194,7 +194,10 @@ class Gemma(nn.Module):
         return x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
 
     def logits(self, x: Tensor) -> Tensor:
-        x = self.final_norm(x)
+        return self.head(self.final_norm(x))
+
+    def head(self, x: Tensor) -> Tensor:
+        """Normed hidden states -> logits, through the embedding table (tied) or a separate head."""
         # A separate head is called as a module, so a quantized one (quantize.py) can stand in for it.
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
@@ -205,6 +208,13 @@ class Gemma(nn.Module):
         `pos` (B, T) gives absolute positions (default 0..T-1). `cache`, a `cache.KVCache`, makes the
         call incremental: its per-layer objects store keys/values and supply the masks.
         """
+        x = self.hidden(ids, pos, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x).float()
+
+    def hidden(self, ids: Tensor, pos: Tensor | None = None, cache: object | None = None) -> Tensor:
+        """The residual stream after the last block (B, T, hidden): everything but the final norm and head."""
         B, T = ids.shape
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
@@ -222,6 +232,4 @@ class Gemma(nn.Module):
             cos, sin = rope[layer.layer_type]
             layer_cache = None if cache is None else cache.layers[i]
             x = layer(x, cos, sin, masks.get(layer.layer_type), pos, layer_cache)
-        if last_only:
-            x = x[:, -1:]
-        return self.logits(x).float()
+        return x

@@ -88,6 +88,13 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
+    def dequantized(self) -> Tensor:
+        """The float32 weight (O, I) these int8 rows stand for."""
+        if self.kernel == "int8":
+            qw, _ = torch.ops.quantized.linear_unpack(self.packed)
+            return qw.dequantize()
+        return self.q.float() * self.scale[:, None]
+
     def dynamic(self, x: Tensor) -> Tensor:
         # reduce_range: 7-bit activations. AVX2's int8 multiply-add sums pairs of products into int16,
         # which full-range uint8 x int8 products overflow (saturate): errors of several percent.

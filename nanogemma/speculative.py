@@ -1,0 +1,221 @@
+"""Self-speculative decoding: draft with a head over common tokens, check with the full head.
+
+At batch 1 a decode step costs what its weights cost to read. In the 270M model the output head — the
+262,144 x 640 embedding table — is 168M of the 268M parameters, so most of every step goes to scoring
+tokens that ordinary text never uses. This decoder spends that read once per k tokens instead of once
+per token, and still returns the full model's tokens:
+
+1. **Draft**, k times: run the blocks on the last token, exactly as plain decoding does (same KV cache
+   writes), then score only a subset S of the vocabulary (~40K common tokens, a sixth of the head) and
+   take S's choice as the next input.
+2. **Check**: the k hidden states go through the full head together — one pass over its weights for k
+   tokens, which at batch 1 costs about what one token's pass does.
+3. **Accept** the drafts while they equal the full model's choice. At the first difference, emit the full
+   model's token instead, and take the rejected drafts back out of the cache (`KVCache.rollback`).
+
+With greedy decoding the draft is right whenever the full model's choice lies in S, since S's logits are the
+full head's for those tokens. With sampling, drafts are drawn from S's distribution and accepted with
+probability min(1, p/q) — speculative sampling (Leviathan et al., 2023; Chen et al., 2023) — which gives
+tokens distributed exactly as the full model's (the random stream differs from plain decoding's).
+
+**S.** Gemma's vocabulary is numbered in BPE merge order, so low ids are frequent multi-character pieces;
+single characters (',', '.', 'a') sit at the end, out of order. S starts as: the first `draft_vocab` ids,
+every single-character piece below U+3000, and the prompt's tokens; every token the full model picks
+outside S joins it (a name in a story is missed once, then drafted). The idea of a frequency-ranked
+draft vocabulary is FR-Spec's (Zhao et al., 2025); here the draft is the model itself, so the only thing
+it approximates is the head.
+
+The checked logits come from a (k, vocab) matrix product instead of k (1, vocab) ones, so they can differ
+from plain decoding's in the last bits of float32 (a near-tie could then break the other way). With the
+`int8` kernel, whose activations are rounded per call, the rounding grid is shared by the k rows, so those
+logits differ slightly more; `int8-wo`, float32 and bfloat16 round each row alone.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .decoding import SamplingParams
+from .errors import NanogemmaError
+from .model import Gemma
+from .sampling import Sampler, apply_repetition_penalty, filter_logits
+
+DEFAULT_DRAFT_VOCAB = 32_768
+DEFAULT_DRAFT_TOKENS = 6
+
+
+@dataclass
+class Speculation:
+    """How to speculate: S at the start (`common_token_ids`) and k, the drafts per pass over the full head."""
+
+    common_ids: list[int]
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+
+    @classmethod
+    def for_tokenizer(cls, tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB,
+                      draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Speculation:
+        if draft_tokens < 1:
+            raise NanogemmaError(f"--draft-tokens must be >= 1, got {draft_tokens}")
+        if draft_vocab < 1:
+            raise NanogemmaError(f"--draft-vocab must be >= 1, got {draft_vocab}")
+        return cls(common_token_ids(tok, draft_vocab), draft_tokens)
+
+
+def common_token_ids(tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB) -> list[int]:
+    """The starting S: the first `draft_vocab` ordinary pieces and every single character below U+3000."""
+    vocab = tok.backend.get_vocab()
+    ids = []
+    for piece, i in vocab.items():
+        special = piece.startswith("<") and piece.endswith(">") and len(piece) > 2  # <unused7>, <0x0A>, ...
+        if special and i not in (tok.eos_id, getattr(tok, "end_of_turn_id", None)):
+            continue
+        if i < draft_vocab or (len(piece) == 1 and ord(piece) < 0x3000):
+            ids.append(i)
+    return sorted(ids)
+
+
+_BASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class DraftHead:
+    """Logits over S only, with the same kernel as the model's head: a fixed part, and the tokens added later."""
+
+    def __init__(self, model: Gemma, ids: Sequence[int]):
+        self.model = model
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long, device=model.device)
+        self.member = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.device)
+        self.member[self.ids] = True
+        key = (model.lm_head is None, id(model.lm_head), tuple(self.ids.tolist()))
+        cached = _BASES.get(model)
+        if cached is None or cached[0] != key:  # the fixed part is built once per model and S
+            cached = _BASES[model] = (key, self._linear(self.ids))
+        self.base = cached[1]
+        self.extra_ids = torch.empty(0, dtype=torch.long, device=model.device)
+        self.extra = None
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        m = self.model
+        if m.lm_head is None:
+            return m.embed.weight[ids]
+        weight = getattr(m.lm_head, "weight", None)
+        return weight[ids] if weight is not None else m.lm_head.dequantized()[ids]
+
+    def _linear(self, ids: Tensor):
+        from .quantize import Int8Linear
+
+        rows = self._rows(ids)
+        if isinstance(self.model.lm_head, Int8Linear):
+            return Int8Linear(rows.float(), self.model.lm_head.kernel)
+        return lambda x: F.linear(x, rows)
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Put tokens into S (a no-op for those already there)."""
+        new = [t for t in set(tokens) if not self.member[t]]
+        if not new:
+            return
+        self.member[new] = True
+        self.extra_ids = torch.cat([self.extra_ids, torch.tensor(new, device=self.extra_ids.device)])
+        self.extra = self._linear(self.extra_ids)  # small: rebuilt whole rather than grown in place
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normed hidden (1, D) -> (logits over S (1, |S|), the token id of each column)."""
+        logits = self.base(x).float()
+        if self.extra is None:
+            return logits, self.ids
+        return torch.cat([logits, self.extra(x).float()], dim=-1), torch.cat([self.ids, self.extra_ids])
+
+
+class SpeculativeDecoder:
+    """`generation.Decoder`'s loop for one prompt, k tokens per pass over the head. Yields [token] lists."""
+
+    def __init__(self, session, draft: DraftHead, params: SamplingParams, draft_tokens: int):
+        if draft_tokens < 1:
+            raise NanogemmaError(f"--draft-tokens must be >= 1, got {draft_tokens}")
+        if session.batch != 1 or session.cache.spare < draft_tokens - 1:
+            raise NanogemmaError("speculative decoding needs a one-row session with spare >= draft tokens")
+        self.session, self.draft, self.params, self.k = session, draft, params, draft_tokens
+        self.sampler = Sampler(params, 1, session.model.config.vocab_size, session.model.device)
+        self.drafted = self.accepted = 0
+
+    def _prepare(self, logits: Tensor, seen: Tensor | None) -> Tensor:
+        p = self.params
+        logits = logits.float()
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+        return logits if p.greedy else filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+
+    def _pick(self, logits: Tensor) -> tuple[int, Tensor | None]:
+        """-> (token index into `logits`' columns, its distribution or None when greedy)."""
+        if self.params.greedy:
+            return int(logits.argmax(-1)), None
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.sampler.generator)), probs
+
+    @torch.inference_mode()
+    def run(self, prompt: Sequence[int], first_logits: Tensor, max_new: int) -> Iterator[int]:
+        """Tokens after `prompt`, whose next-token logits are `first_logits` (1, V); at most `max_new`."""
+        model, sampler = self.session.model, self.sampler
+        sampler.observe([list(prompt)])
+        self.draft.add(prompt)
+        last = int(sampler(first_logits))
+        self.draft.add([last])
+        yield last
+        emitted = 1
+        while emitted < max_new:
+            k = min(self.k, max_new - emitted)
+            seen = None if sampler.seen is None else sampler.seen.clone()
+            hidden, drafts, draft_probs = [], [], []
+            token = last
+            for _ in range(k):
+                h = model.final_norm(self.session.step_hidden(torch.tensor([token], device=model.device)))
+                hidden.append(h)
+                sub_logits, sub_ids = self.draft(h)
+                col, q = self._pick(self._prepare(sub_logits, None if seen is None else seen[:, sub_ids]))
+                token = int(sub_ids[col])
+                drafts.append(token)
+                draft_probs.append(None if q is None else (q, sub_ids))
+                if seen is not None:
+                    seen[0, token] = True
+            full = model.head(torch.cat(hidden)).float()  # (k, V): one pass over the head for k tokens
+            out = []
+            for j, d in enumerate(drafts):
+                target = self._prepare(full[j:j + 1], sampler.seen)
+                if draft_probs[j] is None:  # greedy: the full model's argmax
+                    t = int(target.argmax(-1))
+                else:
+                    q, q_ids = draft_probs[j]
+                    q_full = torch.zeros(target.shape[-1], device=target.device)
+                    q_full[q_ids] = q[0]
+                    t = accept_or_resample(target.softmax(-1)[0], q_full, d, sampler.generator)
+                out.append(t)
+                sampler.observe(torch.tensor([t], device=model.device))
+                if t != d:
+                    break
+            self.drafted += k
+            self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
+            self.session.rollback(k - len(out))  # fed: last + drafts[:-1]; valid: last + out[:-1]
+            self.draft.add(out)
+            for t in out:
+                yield t
+            emitted += len(out)
+            last = out[-1]
+
+
+def accept_or_resample(p: Tensor, q: Tensor, draft: int, generator: torch.Generator | None = None) -> int:
+    """Speculative sampling's rule: a draft drawn from q becomes a draw from p.
+
+    Keep the draft with probability min(1, p/q); otherwise draw from the part of p that q under-covers,
+    max(p - q, 0) normalised. Together: P(token x) = min(p, q)(x) + (1 - sum min(p, q)) * residual(x) = p(x).
+    """
+    if torch.rand((), generator=generator, device=p.device) * q[draft] <= p[draft]:
+        return draft
+    residual = (p - q).clamp_(min=0)
+    if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=generator))
