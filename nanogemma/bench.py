@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import NanogemmaError
 
-MODES = ("float32", "bfloat16", "int8", "int8-wo")
+MODES = ("float32", "float32-unpacked", "bfloat16", "int8", "int8-wo")
 # A neutral English paragraph, repeated as needed to make the prompt.
 PROMPT_TEXT = (
     "The history of the lighthouse begins with fires lit on hilltops to guide ships home. Over the centuries "
@@ -46,7 +46,8 @@ def parse_mode(mode: str) -> tuple[str, str | None, bool, bool]:
         raise NanogemmaError(f"unknown bench mode '{mode}'; use {', '.join(MODES)}, each optionally "
                              "+compile and/or +spec (self-speculative decoding)")
     dtype = "bfloat16" if base == "bfloat16" else "float32"
-    return dtype, (base if base.startswith("int8") else None), "compile" in extras, "spec" in extras
+    weights = base if base.startswith("int8") or base == "float32-unpacked" else None
+    return dtype, weights, "compile" in extras, "spec" in extras
 
 
 def prompt_ids(tok, n: int) -> list[int]:
@@ -60,11 +61,11 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every projection and the head (the embedding gives one row)."""
     from torch import nn
 
-    from .quantize import Int8Linear
+    from .quantize import Int8Linear, PackedLinear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear | PackedLinear):
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, Int8Linear):
             total += m.in_features * m.out_features + 4 * m.out_features
@@ -113,12 +114,14 @@ def worker_nanogemma(spec: dict) -> dict:
     dtype, quant, compiled, speculative = parse_mode(spec["mode"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    t0 = time.perf_counter()
-    model, tok = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"])
-    if quant:
-        from .quantize import quantize_model
+    from .quantize import pack_model, quantize_model
 
-        quantize_model(model, quant)
+    if quant and quant.startswith("int8"):
+        prepare = lambda m: quantize_model(m, quant)  # noqa: E731
+    else:  # what generate and chat run: float32 weights prepacked for oneDNN (unless compiled, or -unpacked)
+        prepare = pack_model if quant is None and not compiled else None
+    t0 = time.perf_counter()
+    model, tok = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"], prepare=prepare)
     load_s = time.perf_counter() - t0
     device, ids, n_new = model.device, spec["ids"], spec["new_tokens"]
     with torch.inference_mode():

@@ -153,7 +153,7 @@ def run_cli(args, params: SamplingParams) -> int:
 
     if args.context is not None and args.context < 16:
         raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize)
+    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
                 context=args.context, compile=args.compile)
     return run_chat(chat)

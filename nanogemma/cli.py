@@ -69,7 +69,7 @@ def _sampling(args: argparse.Namespace):
 def _load_for_inference(args: argparse.Namespace):
     from .quantize import load_for_inference
 
-    return load_for_inference(args.model, args.dtype, args.device, args.quantize)
+    return load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
 
 
 def _unescape(text: str) -> str:
@@ -95,6 +95,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_sampling_flags(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not printed); repeat for several")
+    p.add_argument("--speculate", action="store_true",
+                   help="self-speculative decoding for a single prompt: draft tokens with a head over common "
+                        "tokens, check several at once with the full head; greedy output is unchanged, "
+                        "sampling keeps its distribution (see nanogemma/speculative.py)")
+    p.add_argument("--draft-tokens", type=int, default=6, help="drafts per check with --speculate (default 6)")
+    p.add_argument("--draft-vocab", type=int, default=32_768,
+                   help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
+                        "single characters and the prompt's tokens (default 32768)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")

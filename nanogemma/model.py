@@ -161,12 +161,16 @@ class Gemma(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Frequencies are derived, not learned: non-persistent, so checkpoints hold only weights.
-        self.register_buffer("inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_base), persistent=False)
-        self.register_buffer(
-            "inv_freq_global",
-            rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale),
-            persistent=False,
-        )
+        self.register_buffer("inv_freq_local", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_global", torch.empty(cfg.head_dim // 2), persistent=False)
+        if self.inv_freq_local.device.type != "meta":  # built on the meta device, a loader calls it later
+            self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE frequency buffers, on the device of the embedding."""
+        cfg, device = self.config, self.embed.weight.device
+        self.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_base).to(device)
+        self.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale).to(device)
 
     @property
     def device(self) -> torch.device:

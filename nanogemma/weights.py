@@ -12,17 +12,21 @@ skip the GGUF parser.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import GemmaConfig, from_hf_config
 from .errors import NanogemmaError
-from .model import Gemma, rope_inv_freq
+from .model import Gemma
 from .weight_files import (
     gguf_cache_file,
     hf_state_dict,
@@ -39,10 +43,22 @@ __all__ = ["build_model", "hf_state_dict", "load", "load_gguf", "load_hf", "load
 # --------------------------------------------------------------------------------------------- building
 
 
+@contextlib.contextmanager
+def _no_default_init() -> Iterator[None]:
+    """Skip nn.Embedding's N(0, 1) fill while building on the meta device: the checkpoint replaces it anyway,
+    and `normal_` on a meta tensor imports torch._dynamo — a second of every start-up."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset
+
+
 def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", source: str = "checkpoint") -> Gemma:
     """Instantiate without allocating random weights, then assign `state` strictly."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_default_init():
         model = Gemma(cfg)
     expected = dict(model.state_dict())
     missing = [k for k in expected if k not in state]
@@ -58,9 +74,7 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.d
             )
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
-    # The RoPE frequency buffers were created on the meta device: compute them for real.
-    model.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_base).to(device)
-    model.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale).to(device)
+    model.reset_rope()  # the frequency buffers were created on the meta device: compute them for real
     return model.eval()
 
 
@@ -155,11 +169,13 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu"):
+         device: str | torch.device = "cpu", prepare: Callable[[Gemma], object] | None = None):
     """Load a model and its tokenizer: `model, tok = nanogemma.load()`.
 
     `name_or_path`: None or "gemma3-270m" (the official 270M weights, from the `[weights]` extra), a .gguf
-    file, a Hugging Face folder, or a nanogemma run folder.
+    file, a Hugging Face folder, or a nanogemma run folder. `prepare(model)`, if given, runs while the
+    tokenizer loads (e.g. `quantize.pack_model`): the tokenizer's ~1 s of parsing holds the GIL, torch ops
+    release it, so the two overlap and a start-up pays for the longer one only.
     """
     from .tokenizer import load_tokenizer
 
@@ -170,7 +186,11 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     try:
         cfg, state, path = load_state(name_or_path)
         model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
-        tok = load_tokenizer(path)
+        with ThreadPoolExecutor(1) as pool:
+            prepared = pool.submit(prepare, model) if prepare else None
+            tok = load_tokenizer(path)
+            if prepared:
+                prepared.result()
     finally:
         release_gguf()
     if tok.vocab_size > cfg.vocab_size:

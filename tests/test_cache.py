@@ -201,3 +201,22 @@ def test_real_model_cached_equals_uncached_past_two_windows(model_and_tok):
     top2 = x.topk(2, dim=-1).values
     agree = (x.argmax(-1) == new) | (top2[:, 0] - top2[:, 1] < 5e-3)
     assert bool(agree.all()), f"first disagreement at step {int((~agree).nonzero()[0])}"
+
+
+def test_rollback_forgets_the_last_columns(model):
+    """Speculative decoding takes rejected drafts back: the cache then equals one that never saw them,
+    across ring wraps (the spare slots keep the keys the drafts overwrote)."""
+    ids = prompt(20)
+    a, b = Session(model, 1, 120, spare=4), Session(model, 1, 120)
+    a.prefill([ids]), b.prefill([ids])
+    for round_ in range(12):
+        for t in prompt(4, seed=round_):
+            a.step(torch.tensor([t]))
+        a.rollback(3 if round_ % 2 else 4)
+        if round_ % 2:
+            b.step(torch.tensor([prompt(4, seed=round_)[0]]))
+    assert a.length == b.length
+    for t in prompt(30, seed=99):
+        torch.testing.assert_close(a.step(torch.tensor([t])), b.step(torch.tensor([t])), rtol=0, atol=1e-5)
+    with pytest.raises(NanogemmaError, match="spare"):
+        a.rollback(5)

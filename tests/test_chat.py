@@ -46,18 +46,18 @@ def test_template_and_system_prompt(model, tok):
 def test_turns_are_not_recomputed_and_match_a_full_forward(model, tok):
     chat = Chat(model, tok, params=GREEDY, max_new_tokens=6)
     fed_tokens = []
-    original = model.forward
+    original = model.hidden  # what both prefill (through forward) and decode steps run
 
     def counting(ids, *args, **kwargs):
         fed_tokens.append(ids.shape[1])
         return original(ids, *args, **kwargs)
 
-    model.forward = counting
+    model.hidden = counting
     try:
         for message in ("Hello", "Tell me more", "Thanks"):
             chat.send(message)
     finally:
-        del model.forward
+        del model.hidden
     assert sum(fed_tokens) == len(chat.fed) == chat.session.length  # every token went through the model once
     # The cache now holds exactly what a fresh forward over the whole conversation computes.
     with torch.inference_mode():

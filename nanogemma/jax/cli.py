@@ -26,8 +26,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generation import generate_batch
     from .load import load
 
-    if getattr(args, "quantize", None):
-        raise NanogemmaError("--quantize is a PyTorch feature; drop it or use --backend torch")
+    for flag in ("quantize", "speculate"):
+        if getattr(args, flag, None):
+            raise NanogemmaError(f"--{flag} is a PyTorch feature; drop it or use --backend torch")
     prompts = _read_prompts(args)
     params = _sampling(args)
     if args.batch_size < 1:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import Gemma, rope_inv_freq
+from ..model import Gemma
 
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # logits per chunk: ~16 MB on CPU (cache), 256 MB on GPU
 MIN_ROWS = 64
@@ -47,9 +47,7 @@ class TrainingGemma(Gemma):
         with torch.device("meta"):
             out = cls(model.config)
         out.load_state_dict(model.state_dict(), assign=True)
-        cfg, dev = model.config, model.device
-        out.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_base).to(dev)
-        out.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale).to(dev)
+        out.reset_rope()
         return out.train(model.training)
 
 

@@ -1,0 +1,96 @@
+"""Faster weights for CPU decoding: oneDNN-packed float32 (same numbers) and the start-up path that builds them.
+
+The int8 kernels are tested with generation (tests/test_generate.py), where they are used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_generate import tiny_hf  # noqa: F401  (a fixture, shared)
+
+from nanogemma.config import get_preset
+from nanogemma.generation import generate_ids
+from nanogemma.model import Gemma
+from nanogemma.quantize import Int8Linear, PackedLinear, pack_model, quantize_model
+
+needs_onednn = pytest.mark.skipif(not PackedLinear.available(torch.zeros(1)), reason="no oneDNN in this torch")
+
+
+def tiny_model() -> Gemma:
+    model = Gemma(get_preset("tiny")).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
+    return model
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])
+def test_packed_linear_equals_f_linear(rows):
+    w = torch.randn(300, 64)
+    x = torch.randn(2, rows, 64)
+    torch.testing.assert_close(PackedLinear(w)(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_model_decodes_the_same_tokens():
+    ref, packed = tiny_model(), pack_model(tiny_model())
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.layers[0].attn.wq, PackedLinear)
+    assert packed.lm_head.weight is packed.embed.weight  # the tied head is packed, the table is not copied
+    ids = [2, 30, 40, 50, 60, 70]
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(torch.tensor([ids])), ref(torch.tensor([ids])), rtol=0, atol=1e-4)
+    assert list(generate_ids(packed, ids, 80)) == list(generate_ids(ref, ids, 80))
+
+
+def test_pack_model_leaves_other_models_alone():
+    bf16 = tiny_model().to(torch.bfloat16)
+    assert pack_model(bf16).lm_head is None  # oneDNN's bf16 packing needs AVX-512: left as it was
+    q = quantize_model(tiny_model(), "int8")
+    assert isinstance(pack_model(q).lm_head, Int8Linear)
+
+
+def test_int8_linear_dequantized_round_trips():
+    w = torch.randn(40, 32)
+    for kernel in ("int8", "int8-wo"):
+        lin = Int8Linear(w, kernel)
+        assert (lin.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # within one step
+
+
+def test_load_prepares_while_the_tokenizer_loads(tmp_path, monkeypatch):
+    """`load(prepare=...)` runs `prepare` on another thread and returns once both are done."""
+    import threading
+
+    from nanogemma import weights
+
+    seen = {}
+
+    def prepare(model):
+        seen["thread"] = threading.current_thread() is not threading.main_thread()
+        seen["model"] = model
+
+    monkeypatch.setattr("nanogemma.tokenizer.load_tokenizer", lambda path: type("T", (), {"vocab_size": 10})())
+    monkeypatch.setattr(weights, "load_state", lambda name: (get_preset("tiny"), tiny_model().state_dict(), tmp_path))
+    model, _ = weights.load("x", prepare=prepare)
+    assert seen == {"thread": True, "model": model}
+
+    def failing(model):
+        raise RuntimeError("packing failed")
+
+    with pytest.raises(RuntimeError, match="packing failed"):
+        weights.load("x", prepare=failing)
+
+
+def test_loading_does_not_import_torch_dynamo(tiny_hf):  # noqa: F811
+    """Start-up stays lean: building a model never imports torch._dynamo (a second of every start)."""
+    code = ("import sys; from nanogemma.quantize import load_for_inference; "
+            f"load_for_inference({str(tiny_hf)!r}); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
