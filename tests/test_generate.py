@@ -245,7 +245,16 @@ def test_cli_single_prompt_streams_and_int8_runs(tiny_hf):
     assert proc.stdout.endswith("\n") and "===" not in proc.stdout
 
 
+def test_cli_speculate_gives_the_same_text(tiny_hf):
+    plain = cli("generate", "Hello", "--model", str(tiny_hf), "--max-new-tokens", "12")
+    fast = cli("generate", "Hello", "--model", str(tiny_hf), "--max-new-tokens", "12", "--speculate",
+               "--draft-tokens", "3", "--draft-vocab", "2000")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and len(plain.stdout.strip()) > 0
+
+
 @pytest.mark.parametrize("args, needle", [
+    (("--draft-tokens", "0", "--speculate"), "--draft-tokens"),
     (("--min-p", "2"), "--min-p"),
     (("--repetition-penalty", "0"), "--repetition-penalty"),
     (("--batch-size", "0"), "--batch-size"),
