@@ -6,7 +6,7 @@ tokens that ordinary text never uses. This decoder spends that read once per k t
 per token, and still returns the full model's tokens:
 
 1. **Draft**, k times: run the blocks on the last token, exactly as plain decoding does (same KV cache
-   writes), then score only a subset S of the vocabulary (~40K common tokens, a sixth of the head) and
+   writes), then score only a subset S of the vocabulary (~37K common tokens, a seventh of the head) and
    take S's choice as the next input.
 2. **Check**: the k hidden states go through the full head together — one pass over its weights for k
    tokens, which at batch 1 costs about what one token's pass does.
