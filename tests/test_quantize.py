@@ -11,23 +11,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_generate import tiny_hf  # noqa: F401  (a fixture, shared)
+from test_generate import tiny_hf, tiny_model  # noqa: F401  (a fixture, shared)
 
 from nanogemma.config import get_preset
 from nanogemma.generation import generate_ids
-from nanogemma.model import Gemma
 from nanogemma.quantize import Int8Linear, PackedLinear, pack_model, quantize_model
 
 needs_onednn = pytest.mark.skipif(not PackedLinear.available(torch.zeros(1)), reason="no oneDNN in this torch")
-
-
-def tiny_model() -> Gemma:
-    model = Gemma(get_preset("tiny")).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
-    return model
 
 
 @needs_onednn

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_generate import one_thread, tiny_model  # noqa: F401  (a fixture, shared)
 
-from nanogemma.config import get_preset
 from nanogemma.decoding import SamplingParams, stop_ids_for
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Decoder, generate
@@ -17,25 +17,9 @@ from nanogemma.model import Gemma
 from nanogemma.speculative import Speculation, accept_or_resample, common_token_ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> Gemma:
-    model = Gemma(get_preset("tiny")).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
-    return model
+    return tiny_model()
 
 
 def prompt(n: int) -> list[int]:
