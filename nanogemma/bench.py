@@ -116,12 +116,12 @@ def worker_nanogemma(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     from .quantize import pack_model, quantize_model
 
-    if quant and quant.startswith("int8"):
-        prepare = lambda m: quantize_model(m, quant)  # noqa: E731
-    else:  # what generate and chat run: float32 weights prepacked for oneDNN (unless compiled, or -unpacked)
-        prepare = pack_model if quant is None and not compiled else None
     t0 = time.perf_counter()
-    model, tok = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"], prepare=prepare)
+    model, tok = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"])
+    if quant and quant.startswith("int8"):
+        quantize_model(model, quant)
+    elif quant is None and not compiled:
+        pack_model(model)  # what generate and chat run: float32 weights prepacked for oneDNN
     load_s = time.perf_counter() - t0
     device, ids, n_new = model.device, spec["ids"], spec["new_tokens"]
     with torch.inference_mode():

@@ -196,9 +196,12 @@ def load_for_inference(name_or_path: str | None, dtype: str = "float32", device:
                        quantize: str | None = None, pack: bool = True):
     """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
     and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
-    weights). The conversion runs while the tokenizer loads (see `weights.load`)."""
+    weights)."""
     from .weights import load
 
+    model, tok = load(name_or_path, dtype=getattr(torch, dtype), device=device)
     if quantize:
-        return load(name_or_path, getattr(torch, dtype), device, prepare=lambda m: quantize_model(m, quantize))
-    return load(name_or_path, getattr(torch, dtype), device, prepare=pack_model if pack else None)
+        quantize_model(model, quantize)
+    elif pack:
+        pack_model(model)
+    return model, tok

@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -169,13 +168,11 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", prepare: Callable[[Gemma], object] | None = None):
+         device: str | torch.device = "cpu"):
     """Load a model and its tokenizer: `model, tok = nanogemma.load()`.
 
     `name_or_path`: None or "gemma3-270m" (the official 270M weights, from the `[weights]` extra), a .gguf
-    file, a Hugging Face folder, or a nanogemma run folder. `prepare(model)`, if given, runs while the
-    tokenizer loads (e.g. `quantize.pack_model`): the tokenizer's ~1 s of parsing holds the GIL, torch ops
-    release it, so the two overlap and a start-up pays for the longer one only.
+    file, a Hugging Face folder, or a nanogemma run folder.
     """
     from .tokenizer import load_tokenizer
 
@@ -186,11 +183,7 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     try:
         cfg, state, path = load_state(name_or_path)
         model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
-        with ThreadPoolExecutor(1) as pool:
-            prepared = pool.submit(prepare, model) if prepare else None
-            tok = load_tokenizer(path)
-            if prepared:
-                prepared.result()
+        tok = load_tokenizer(path)
     finally:
         release_gguf()
     if tok.vocab_size > cfg.vocab_size:

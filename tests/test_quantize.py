@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from test_generate import tiny_hf, tiny_model  # noqa: F401  (a fixture, shared)
 
-from nanogemma.config import get_preset
 from nanogemma.generation import generate_ids
 from nanogemma.quantize import Int8Linear, PackedLinear, pack_model, quantize_model
 
@@ -51,30 +50,6 @@ def test_int8_linear_dequantized_round_trips():
     for kernel in ("int8", "int8-wo"):
         lin = Int8Linear(w, kernel)
         assert (lin.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # within one step
-
-
-def test_load_prepares_while_the_tokenizer_loads(tmp_path, monkeypatch):
-    """`load(prepare=...)` runs `prepare` on another thread and returns once both are done."""
-    import threading
-
-    from nanogemma import weights
-
-    seen = {}
-
-    def prepare(model):
-        seen["thread"] = threading.current_thread() is not threading.main_thread()
-        seen["model"] = model
-
-    monkeypatch.setattr("nanogemma.tokenizer.load_tokenizer", lambda path: type("T", (), {"vocab_size": 10})())
-    monkeypatch.setattr(weights, "load_state", lambda name: (get_preset("tiny"), tiny_model().state_dict(), tmp_path))
-    model, _ = weights.load("x", prepare=prepare)
-    assert seen == {"thread": True, "model": model}
-
-    def failing(model):
-        raise RuntimeError("packing failed")
-
-    with pytest.raises(RuntimeError, match="packing failed"):
-        weights.load("x", prepare=failing)
 
 
 def test_loading_does_not_import_torch_dynamo(tiny_hf):  # noqa: F811
