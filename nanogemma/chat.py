@@ -22,16 +22,18 @@ sees always has the template's shape.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 import torch
+from torch import Tensor
 
 from .decoding import SamplingParams, TextStream, stop_ids_for
 from .errors import NanogemmaError
 from .generation import DEFAULT_PREFILL_CHUNK, Session
 from .model import Gemma
 from .sampling import Sampler
+from .speculative import DraftHead, Speculation, SpeculativeDecoder
 
 # Gemma's recommended sampling for chat; plain greedy decoding tends to loop in long replies.
 CHAT_DEFAULTS = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)
@@ -43,7 +45,7 @@ class Chat:
 
     def __init__(self, model: Gemma, tok, system: str | None = None, params: SamplingParams | None = None,
                  max_new_tokens: int = 1024, context: int | None = None, compile: bool | str = False,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None):
         self.model, self.tok = model, tok
         self.system = system.strip() if system and system.strip() else None
         self.params = (params or CHAT_DEFAULTS).validate()
@@ -51,7 +53,10 @@ class Chat:
             raise NanogemmaError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
         context = min(context or DEFAULT_CONTEXT, model.config.max_seq_len)
-        self.session = Session(model, 1, context, compile, prefill_chunk)
+        self.speculation = speculation
+        self.session = Session(model, 1, context, compile, prefill_chunk,
+                               spare=speculation.draft_tokens if speculation else 0)
+        self.draft = DraftHead(model, speculation.common_ids) if speculation else None
         self.stop_ids = stop_ids_for(tok)
         self.reset()
 
@@ -94,22 +99,36 @@ class Chat:
         self.turns += 1
         text = TextStream(self.tok)
         self.pending = None
-        for i in range(min(self.max_new_tokens, room)):
-            token = self.sampler(logits)
-            self.pending = int(token)
-            if self.pending in self.stop_ids:
-                break
-            piece = text.push(self.pending)
-            if piece and stream:
-                stream(piece)
-            if i + 1 < min(self.max_new_tokens, room):
-                logits = self.session.step(token)
-                self.fed.append(self.pending)
-                self.pending = None
+        tokens = self._reply_tokens(ids, logits, min(self.max_new_tokens, room))
+        try:
+            for token in tokens:
+                if self.pending is not None:  # the previous token is in the cache now
+                    self.fed.append(self.pending)
+                self.pending = token
+                if token in self.stop_ids:
+                    break
+                piece = text.push(token)
+                if piece and stream:
+                    stream(piece)
+        finally:
+            tokens.close()  # a speculative decoder takes back the drafts it fed past the last token used
         tail = text.flush()
         if tail and stream:
             stream(tail)
         return text.text
+
+    def _reply_tokens(self, ids: list[int], logits: Tensor, limit: int) -> Iterator[int]:
+        """The reply's tokens; each one is fed to the cache when the next is asked for (the last never is)."""
+        if self.speculation:
+            decoder = SpeculativeDecoder(self.session, self.draft, self.params, self.speculation.draft_tokens,
+                                         self.sampler)
+            yield from decoder.run(ids, logits, limit)
+            return
+        for i in range(limit):
+            token = self.sampler(logits)
+            yield int(token)
+            if i + 1 < limit:
+                logits = self.session.step(token)
 
 
 HELP = "Type a message and press Enter. Commands: /reset (forget the conversation), /exit (or Ctrl-D)."
@@ -154,6 +173,7 @@ def run_cli(args, params: SamplingParams) -> int:
     if args.context is not None and args.context < 16:
         raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
     model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
+    speculation = Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens) if args.speculate else None
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
-                context=args.context, compile=args.compile)
+                context=args.context, compile=args.compile, speculation=speculation)
     return run_chat(chat)

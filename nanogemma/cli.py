@@ -45,6 +45,17 @@ def _add_speed_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step over a static cache (CUDA graphs on a GPU)")
 
 
+def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", action="store_true",
+                   help="self-speculative decoding (one prompt at a time): draft tokens with a head over common "
+                        "tokens, check several at once with the full head; greedy output is unchanged, "
+                        "sampling keeps its distribution (see nanogemma/speculative.py)")
+    p.add_argument("--draft-tokens", type=int, default=6, help="drafts per check with --speculate (default 6)")
+    p.add_argument("--draft-vocab", type=int, default=32_768,
+                   help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
+                        "single characters and the prompt's tokens (default 32768)")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, top_k: int | None = None,
                         top_p: float | None = None) -> None:
     p.add_argument("--temperature", type=float, default=temperature,
@@ -95,14 +106,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_sampling_flags(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not printed); repeat for several")
-    p.add_argument("--speculate", action="store_true",
-                   help="self-speculative decoding for a single prompt: draft tokens with a head over common "
-                        "tokens, check several at once with the full head; greedy output is unchanged, "
-                        "sampling keeps its distribution (see nanogemma/speculative.py)")
-    p.add_argument("--draft-tokens", type=int, default=6, help="drafts per check with --speculate (default 6)")
-    p.add_argument("--draft-vocab", type=int, default=32_768,
-                   help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
-                        "single characters and the prompt's tokens (default 32768)")
+    _add_speculation_flags(p)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
@@ -149,6 +153,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     _add_speed_flags(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
+    _add_speculation_flags(p)
     _add_sampling_flags(p, temperature=1.0, top_k=64, top_p=0.95)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)")
     p.add_argument("--context", type=int, default=None,

@@ -136,15 +136,21 @@ class DraftHead:
 
 
 class SpeculativeDecoder:
-    """`generation.Decoder`'s loop for one prompt, k tokens per pass over the head. Yields [token] lists."""
+    """The decoding loop of one row, k tokens per pass over the head: `run` yields token ids.
 
-    def __init__(self, session, draft: DraftHead, params: SamplingParams, draft_tokens: int):
+    Like plain decoding, the last token yielded is not fed to the cache; whenever the caller stops reading
+    (a stop token, a stop string, the length limit), the cache holds exactly the tokens yielded before it.
+    `sampler` carries a conversation's state (seed stream, tokens seen) from turn to turn.
+    """
+
+    def __init__(self, session, draft: DraftHead, params: SamplingParams, draft_tokens: int,
+                 sampler: Sampler | None = None):
         if draft_tokens < 1:
             raise NanogemmaError(f"--draft-tokens must be >= 1, got {draft_tokens}")
-        if session.batch != 1 or session.cache.spare < draft_tokens - 1:
+        if session.batch != 1 or session.cache.spare < draft_tokens:
             raise NanogemmaError("speculative decoding needs a one-row session with spare >= draft tokens")
         self.session, self.draft, self.params, self.k = session, draft, params, draft_tokens
-        self.sampler = Sampler(params, 1, session.model.config.vocab_size, session.model.device)
+        self.sampler = sampler or Sampler(params, 1, session.model.config.vocab_size, session.model.device)
         self.drafted = self.accepted = 0
 
     def _prepare(self, logits: Tensor, seen: Tensor | None) -> Tensor:
@@ -205,8 +211,12 @@ class SpeculativeDecoder:
             self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
             self.session.rollback(k - len(out))  # fed: last + drafts[:-1]; valid: last + out[:-1]
             self.draft.add(out)
-            for t in out:
-                yield t
+            for j, t in enumerate(out):
+                try:
+                    yield t
+                except GeneratorExit:  # the caller stopped at out[j]: out[j:-1] were fed, take them back
+                    self.session.rollback(len(out) - 1 - j)
+                    raise
             emitted += len(out)
             last = out[-1]
 

@@ -98,8 +98,9 @@ def test_end_of_input_exits_and_errors_are_reported(model, tok):
         chat.send("   ")
 
 
-def test_cli_chat_session(tiny_hf):  # noqa: F811
-    proc = cli("chat", "--model", str(tiny_hf), "--max-new-tokens", "4", "--system", "Be kind.",
+@pytest.mark.parametrize("extra", [(), ("--speculate", "--draft-tokens", "3")])
+def test_cli_chat_session(tiny_hf, extra):  # noqa: F811
+    proc = cli("chat", "--model", str(tiny_hf), "--max-new-tokens", "4", "--system", "Be kind.", *extra,
                stdin="Hello\n/reset\nHi\n/exit\n")
     assert proc.returncode == 0, proc.stderr
     assert "(conversation reset)" in proc.stdout and "/exit" in proc.stdout  # the help line
@@ -113,3 +114,28 @@ def test_base_model_chats(model_and_tok):
     second = chat.send("And of Italy?")
     assert first.strip() and second.strip()
     assert chat.session.length == len(chat.fed)
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_speculative_chat_equals_plain_chat(model, tok, stop_early):
+    """`chat --speculate`: the same greedy replies, and the same cache, also when a reply stops mid-round."""
+    from nanogemma.speculative import Speculation
+
+    plain = Chat(model, tok, params=GREEDY, max_new_tokens=20)
+    fast = Chat(model, tok, params=GREEDY, max_new_tokens=20,
+                speculation=Speculation(list(range(5000)) + [tok.end_of_turn_id], draft_tokens=4))
+    messages = ("Hello", "Tell me more", "Thanks")
+    if stop_early:  # a token the first reply holds at its 6th place ends every reply there or earlier
+        probe = Chat(model, tok, params=GREEDY, max_new_tokens=20)
+        turn = probe.turn_tokens(messages[0])
+        probe.send(messages[0])
+        reply = probe.fed[len(turn):] + [probe.pending]
+        assert len(reply) == 20
+        plain.stop_ids = fast.stop_ids = plain.stop_ids | {reply[5]}
+    for message in messages:
+        assert fast.send(message) == plain.send(message)
+        assert fast.fed == plain.fed and fast.pending == plain.pending
+        assert fast.session.length == plain.session.length == len(plain.fed)
+    with torch.inference_mode():
+        nxt = torch.tensor([plain.pending])
+        torch.testing.assert_close(fast.session.step(nxt), plain.session.step(nxt), rtol=0, atol=1e-4)

@@ -138,3 +138,22 @@ def test_real_model_greedy_equals_plain(model_and_tok, mode):
     rate = d.stats.accepted / d.stats.drafted
     print(f"\n[speculative] {mode}: {d.stats.accepted}/{d.stats.drafted} drafts accepted ({rate:.0%})")
     assert rate > 0.6
+
+
+@pytest.mark.parametrize("stop_at", [1, 6, 7, 8])  # the round's first, middle and last tokens (k = 4)
+def test_stopping_mid_round_leaves_the_cache_as_plain_decoding_would(model, stop_at):
+    """A caller that stops reading at token j finds the cache holding the prompt and tokens 0..j-1 only."""
+    from nanogemma.generation import Session
+    from nanogemma.speculative import DraftHead, SpeculativeDecoder
+
+    ids = prompt(11)
+    session = Session(model, 1, 200, spare=4)
+    decoder = SpeculativeDecoder(session, DraftHead(model, range(512)), SamplingParams(), 4)
+    run = decoder.run(ids, session.prefill([ids]), 100)
+    got = [next(run) for _ in range(stop_at + 1)]
+    run.close()
+    assert session.length == len(ids) + stop_at
+    ref = Session(model, 1, 200)
+    ref.prefill([ids + got[:-1]])
+    last = torch.tensor([got[-1]])
+    torch.testing.assert_close(session.step(last), ref.step(last), rtol=0, atol=1e-5)
