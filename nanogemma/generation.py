@@ -6,7 +6,7 @@ The pieces:
   (left-padding a batch so every row ends at the same column) and `step(tokens)` feeds one token per row.
   Both return the next-token logits. A chat keeps one session across turns, so earlier turns are never
   recomputed. With `compile=...` the decode step is a `torch.compile`d function over a static-shape cache
-  (`mode="reduce-overhead"` on CUDA, i.e. CUDA graphs); prefill stays eager.
+  (CUDA graphs on a GPU: inductor's `triton.cudagraphs`, what `mode="reduce-overhead"` sets); prefill stays eager.
 * `Decoder` is the sampling loop over a batch: it yields one token per row each step, stops a row at a stop
   token (<eos>, <end_of_turn>) or when the caller says so (a stop string), and stops everything at
   `max_new_tokens` or the context limit.
@@ -122,18 +122,26 @@ class Session:
         "aot_eager": no C++ compiler needed, which is how the CPU tests exercise this path)."""
         cuda = self.model.device.type == "cuda"
         self.cache.mark_static()  # needed by CUDA graphs, harmless elsewhere (and so covered by CPU tests)
-        options = {"backend": how} if isinstance(how, str) else {"mode": "reduce-overhead" if cuda else None}
-        # Guards re-check every parameter of the model before each step (about 1 ms on a CPU); the model and
-        # its cache keep their modules and tensors for the session's life, so those checks can go.
-        options["options"] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         model, cache = self.model, self.cache
 
         def decode_step(ids: Tensor, pos: Tensor) -> Tensor:
             return model.hidden(ids, pos, cache)[:, -1]
 
-        compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
+        compiled = torch.compile(decode_step, **compile_options(how, cuda))
         # CUDA graphs reuse their output buffer on the next replay: copy the hidden state out.
         return (lambda ids, pos: compiled(ids, pos).clone()) if cuda else compiled
+
+
+def compile_options(how: bool | str, cuda: bool) -> dict:
+    """torch.compile's arguments for the decode step: `how` is True (inductor) or a backend name."""
+    # Guards re-check every parameter of the model before each step (about 1 ms on a CPU); a session keeps
+    # its modules and tensors for life, so those checks can go. (`options` excludes `mode`, so CUDA graphs
+    # are asked for by their inductor option rather than by mode="reduce-overhead".)
+    options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if cuda and not isinstance(how, str):
+        options["triton.cudagraphs"] = True
+    backend = {"backend": how} if isinstance(how, str) else {}
+    return {"fullgraph": True, "dynamic": False, "options": options, **backend}
 
 
 class Decoder:

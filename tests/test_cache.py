@@ -220,3 +220,12 @@ def test_rollback_forgets_the_last_columns(model):
         torch.testing.assert_close(a.step(torch.tensor([t])), b.step(torch.tensor([t])), rtol=0, atol=1e-5)
     with pytest.raises(NanogemmaError, match="spare"):
         a.rollback(5)
+
+
+@pytest.mark.parametrize("how", [True, "eager"])
+@pytest.mark.parametrize("cuda", [True, False])
+def test_compile_options_are_accepted(how, cuda):
+    """The CUDA-graph arguments are built on CPU too: torch.compile must accept every combination."""
+    from nanogemma.generation import compile_options
+
+    torch.compile(lambda x: x + 1, **compile_options(how, cuda))  # raises on conflicting arguments
