@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,36 @@ def read_gguf_arrays(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
 def gguf_cache_file(path: Path) -> Path:
     """Where the dequantised weights of a GGUF are cached: keyed by content, shared with nanogemma.jax."""
     return cache_dir() / "weights" / f"{file_digest(path)}-v{CACHE_VERSION}.safetensors"
+
+
+def load_gguf_cached(path: str | Path, read_cache: Callable[[Path], tuple[GemmaConfig, dict[str, Any]]]
+                     ) -> tuple[GemmaConfig, dict[str, Any]]:
+    """GGUF -> (config, state) through the safetensors cache, for either backend.
+
+    A cached file is read by `read_cache` (torch tensors or numpy views, as the caller wants); otherwise the
+    GGUF is dequantised to numpy arrays, which are returned and written to the cache atomically. A damaged
+    cache is rebuilt, never trusted.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise NanogemmaError(f"model file not found: {path}")
+    cached = gguf_cache_file(path)
+    if cached.is_file():
+        try:
+            return read_cache(cached)
+        except Exception:
+            cached.unlink(missing_ok=True)
+    try:
+        cfg, state = read_gguf_arrays(path)
+    finally:
+        release_gguf()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()), "source": path.name})
+    os.replace(tmp, cached)
+    return cfg, state
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import GemmaConfig, from_hf_config
 from .errors import NanogemmaError
 from .model import Gemma
 from .weight_files import (
-    gguf_cache_file,
     hf_state_dict,
+    load_gguf_cached,
     ours_from_hf,
     read_gguf_arrays,
     release_gguf,
@@ -88,21 +86,8 @@ def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
 
 def load_gguf(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """GGUF -> (config, state), through the safetensors cache keyed by the file's SHA-256."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanogemmaError(f"model file not found: {path}")
-    cached = gguf_cache_file(path)
-    if cached.is_file():
-        try:
-            return _read_cache(cached)
-        except Exception:
-            cached.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
-    cfg, state = read_gguf(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()), "source": path.name})
-    os.replace(tmp, cached)
-    return cfg, state
+    cfg, state = load_gguf_cached(path, _read_cache)
+    return cfg, {k: torch.as_tensor(v) for k, v in state.items()}  # numpy arrays from a cold load: no copy
 
 
 def _read_cache(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:

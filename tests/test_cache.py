@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_generate import one_thread, tiny_model  # noqa: F401  (a fixture, shared)
 
 from nanogemma.cache import KVCache, cache_size
 from nanogemma.config import GLOBAL, get_preset
@@ -16,30 +17,7 @@ from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Decoder, Session, generate_ids
 from nanogemma.model import Gemma
 
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models gain nothing from a second thread, and on a shared machine lose a lot to waiting for it."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 W = 8  # the tiny preset's sliding window
-
-
-def tiny_model(seed: int = 0, **changes) -> Gemma:
-    """Random weights scaled so that greedy decoding wanders over many tokens instead of repeating one."""
-    model = Gemma(get_preset("tiny").replace(**changes)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
-    return model
 
 
 @pytest.fixture(scope="module")

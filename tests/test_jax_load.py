@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_weights import write_gguf  # a GGUF laid out as llama.cpp's converter does
 
 from nanogemma.config import to_hf_config
 from nanogemma.errors import NanogemmaError
 from nanogemma.jax.load import check_state, load_params, read_state, save_run
-from nanogemma.weight_files import gguf_name_map, hf_state_dict
+from nanogemma.weight_files import hf_state_dict
 from nanogemma.weights import load_state, read_gguf
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -52,30 +52,6 @@ def test_bfloat16_checkpoint_is_read_without_torch(tmp_path, tiny):
     _, params, _ = load_params(folder, "bfloat16")
     assert str(params["embed.weight"].dtype) == "bfloat16"
     assert_same(params, {k: v.to(torch.bfloat16) for k, v in state.items()})
-
-
-def write_gguf(path, cfg, state):
-    """A float32 GGUF laid out as llama.cpp's converter does: reversed shapes, norms stored as 1 + w."""
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_global_base)
-    w.add_sliding_window(cfg.sliding_window)
-    for gguf_name, ours in gguf_name_map(cfg.num_layers).items():
-        arr = state[ours].numpy()
-        w.add_tensor(gguf_name, arr + 1.0 if "norm" in gguf_name else arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def test_gguf_cold_and_cached_loads_equal_pytorch(tmp_path, tiny):

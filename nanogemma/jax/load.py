@@ -133,24 +133,12 @@ def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
 
 def load_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     """GGUF -> (config, state) through the SHA-256-keyed safetensors cache shared with `nanogemma.weights`."""
-    if not path.is_file():
-        raise NanogemmaError(f"model file not found: {path}")
-    cached = W.gguf_cache_file(path)
-    if cached.is_file():
-        try:
-            state, meta = _read_safetensors(cached)
-            return GemmaConfig.from_dict(json.loads(meta["nanogemma_config"])), state
-        except Exception:
-            cached.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
-    try:
-        cfg, state = read_gguf(path)
-    finally:
-        W.release_gguf()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()), "source": path.name})
-    os.replace(tmp, cached)
-    return cfg, state
+    return W.load_gguf_cached(path, _read_cache)
+
+
+def _read_cache(file: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
+    state, meta = _read_safetensors(file)
+    return GemmaConfig.from_dict(json.loads(meta["nanogemma_config"])), state
 
 
 def load_hf(folder: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
