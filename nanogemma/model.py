@@ -105,13 +105,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # Inference may join wq, wk, wv into one (quantize.py): one pass over x, one kernel call, not three.
+        self.wqkv: nn.Module | None = None
+        self.qkv_sizes = [self.wq.out_features, self.wk.out_features, self.wv.out_features]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 pos: Tensor, cache: KVCacheLayer | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else \
+            self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         # QK-norm before RoPE: normalise the raw head vectors, then rotate them.
         q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_norm(k).transpose(1, 2), cos, sin)
@@ -130,9 +135,11 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: nn.Module | None = None  # gate and up joined into one product (quantize.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        gate, up = (self.gate(x), self.up(x)) if self.gate_up is None else self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):

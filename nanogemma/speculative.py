@@ -180,12 +180,13 @@ class SpeculativeDecoder:
         while emitted < max_new:
             k = min(self.k, max_new - emitted)
             seen = None if sampler.seen is None else sampler.seen.clone()
-            hidden, drafts, draft_probs = [], [], []
+            hidden, drafts, draft_probs, draft_logits = [], [], [], []
             token = last
             for _ in range(k):
                 h = model.final_norm(self.session.step_hidden(torch.tensor([token], device=model.device)))
                 hidden.append(h)
-                sub_logits, sub_ids = self.draft(h)
+                sub_logits, sub_ids = self.draft(h)  # S is fixed within a round: the same sub_ids every time
+                draft_logits.append(sub_logits)
                 col, q = self._pick(self._prepare(sub_logits, None if seen is None else seen[:, sub_ids]))
                 token = int(sub_ids[col])
                 drafts.append(token)
@@ -193,6 +194,9 @@ class SpeculativeDecoder:
                 if seen is not None:
                     seen[0, token] = True
             full = model.head(torch.cat(hidden)).float()  # (k, V): one pass over the head for k tokens
+            # S's columns are taken from the drafts' own one-row products, so that the check and the draft
+            # see the same numbers there; only the tokens outside S can overturn a draft.
+            full[:, sub_ids] = torch.cat(draft_logits)
             out = []
             for j, d in enumerate(drafts):
                 target = self._prepare(full[j:j + 1], sampler.seen)

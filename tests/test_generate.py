@@ -187,7 +187,7 @@ def test_int8_linear_is_close_to_float(kernel):
 def test_quantized_model_still_decodes_with_the_cache(kernel):
     ref = tiny_model()
     q = quantize_model(tiny_model(), kernel)
-    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.layers[0].mlp.up, Int8Linear)
+    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.layers[0].mlp.gate_up, Int8Linear)
     assert torch.equal(q.embed.weight, ref.embed.weight)  # the lookup table is untouched by the tied head
     ids = [2, 30, 40, 50, 60]
     with torch.inference_mode():

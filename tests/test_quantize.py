@@ -30,7 +30,8 @@ def test_packed_linear_equals_f_linear(rows):
 @needs_onednn
 def test_packed_model_decodes_the_same_tokens():
     ref, packed = tiny_model(), pack_model(tiny_model())
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.layers[0].attn.wq, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.layers[0].attn.wqkv, PackedLinear)
+    assert isinstance(packed.layers[0].mlp.gate_up, PackedLinear) and packed.layers[0].attn.wq is None
     assert packed.lm_head.weight.data_ptr() == packed.embed.weight.data_ptr()  # the table is not copied
     ids = [2, 30, 40, 50, 60, 70]
     with torch.inference_mode():
@@ -43,6 +44,26 @@ def test_pack_model_leaves_other_models_alone():
     assert pack_model(bf16).lm_head is None  # oneDNN's bf16 packing needs AVX-512: left as it was
     q = quantize_model(tiny_model(), "int8")
     assert isinstance(pack_model(q).lm_head, Int8Linear)
+
+
+@pytest.mark.parametrize("kernel", ["int8", "int8-wo"])
+def test_fused_projections_give_each_projection_exactly(kernel):
+    """One int8 product over [wq; wk; wv] equals three: rows are independent and x is rounded once per call."""
+    ws = [torch.randn(48, 32), torch.randn(16, 32), torch.randn(16, 32)]
+    x = torch.randn(3, 32)
+    fused = Int8Linear(torch.cat(ws), kernel)(x).split([48, 16, 16], dim=-1)
+    for part, w in zip(fused, ws, strict=True):
+        assert torch.equal(part, Int8Linear(w, kernel)(x))
+
+
+def test_quantized_model_is_fused_and_matches_the_unfused_product():
+    ref = tiny_model()
+    q = quantize_model(tiny_model(), "int8")
+    attn, mlp = q.layers[0].attn, q.layers[0].mlp
+    assert isinstance(attn.wqkv, Int8Linear) and isinstance(mlp.gate_up, Int8Linear)
+    assert attn.wq is None and mlp.up is None  # the float weights are not kept alongside
+    w = torch.cat([ref.layers[0].attn.wq.weight, ref.layers[0].attn.wk.weight, ref.layers[0].attn.wv.weight])
+    torch.testing.assert_close(attn.wqkv.dequantized(), w, rtol=0, atol=float(w.detach().abs().max()) / 127)
 
 
 def test_int8_linear_dequantized_round_trips():
