@@ -109,19 +109,17 @@ def worker_nanogemma(spec: dict) -> dict:
 
     from .generation import Decoder, Session
     from .speculative import Speculation
-    from .weights import load
 
     dtype, quant, compiled, speculative = parse_mode(spec["mode"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    from .quantize import pack_model, quantize_model
+    from .quantize import load_for_inference
 
     t0 = time.perf_counter()
-    model, tok = load(spec["model"], dtype=getattr(torch, dtype), device=spec["device"])
-    if quant and quant.startswith("int8"):
-        quantize_model(model, quant)
-    elif quant is None and not compiled:
-        pack_model(model)  # what generate and chat run: float32 weights prepacked for oneDNN
+    # What generate and chat run: int8, or else float32 weights prepacked for oneDNN unless compiled.
+    int8 = quant if quant and quant.startswith("int8") else None
+    model, tok = load_for_inference(spec["model"], dtype, spec["device"], int8,
+                                    pack=quant is None and not compiled)
     load_s = time.perf_counter() - t0
     device, ids, n_new = model.device, spec["ids"], spec["new_tokens"]
     with torch.inference_mode():

@@ -206,9 +206,10 @@ def load_for_inference(name_or_path: str | None, dtype: str = "float32", device:
     weights)."""
     from .weights import load
 
-    model, tok = load(name_or_path, dtype=getattr(torch, dtype), device=device)
-    if quantize:
-        quantize_model(model, quantize)
-    elif pack:
-        pack_model(model)
-    return model, tok
+    def prepare(model: Gemma) -> None:
+        if quantize:
+            quantize_model(model, quantize)
+        elif pack:
+            pack_model(model)
+
+    return load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)

@@ -25,10 +25,11 @@ outside S joins it (a name in a story is missed once, then drafted). The idea of
 draft vocabulary is FR-Spec's (Zhao et al., 2025); here the draft is the model itself, so the only thing
 it approximates is the head.
 
-The checked logits come from a (k, vocab) matrix product instead of k (1, vocab) ones, so they can differ
-from plain decoding's in the last bits of float32 (a near-tie could then break the other way). With the
-`int8` kernel, whose activations are rounded per call, the rounding grid is shared by the k rows, so those
-logits differ slightly more; `int8-wo`, float32 and bfloat16 round each row alone.
+The check takes S's columns from the drafts' own one-row products: the numbers plain decoding computes
+for those tokens, so a draft can only be overturned by a token outside S. The other columns come from the
+(k, vocab) product, which can differ from plain decoding's in the last bits of float32, and by more with the
+`int8` kernel, which rounds activations once per call (the k rows share one grid). The output can differ
+from plain decoding's only where a token outside S ties the best token in S to within that rounding.
 """
 
 from __future__ import annotations

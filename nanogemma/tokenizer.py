@@ -32,7 +32,7 @@ from tokenizers.models import BPE
 from .errors import NanogemmaError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types (GGUF uses the same numbers)
-_BUILD_VERSION = 1  # bump when the built tokenizer changes, to invalidate caches
+_BUILD_VERSION = 2  # bump when the built tokenizer changes, to invalidate caches
 _SPECIAL_NAMES = {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"}
 
 
@@ -87,7 +87,13 @@ class Tokenizer:
         """Write a Hugging Face tokenizer folder: `AutoTokenizer.from_pretrained(folder)` gives the same ids."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / "tokenizer.json"))
+        spec = json.loads(self.backend.to_str())
+        merges = spec["model"].get("merges") or []
+        if merges and all(isinstance(m, list) and " " not in m[0] + m[1] for m in merges):
+            # The older "a b" spelling of merges, unambiguous when no piece holds a space, parses 0.2 s
+            # faster than ["a", "b"] pairs: a fifth of every start's tokenizer load.
+            spec["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
         special = {f"{k}_token": self.backend.id_to_token(getattr(self, f"{k}_id")) for k in _SPECIAL_NAMES}
         config = {
             "tokenizer_class": "GemmaTokenizer",

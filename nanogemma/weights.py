@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -153,11 +154,13 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu"):
+         device: str | torch.device = "cpu", prepare: Callable[[Gemma], object] | None = None):
     """Load a model and its tokenizer: `model, tok = nanogemma.load()`.
 
     `name_or_path`: None or "gemma3-270m" (the official 270M weights, from the `[weights]` extra), a .gguf
-    file, a Hugging Face folder, or a nanogemma run folder.
+    file, a Hugging Face folder, or a nanogemma run folder. `prepare(model)`, if given, runs on a second
+    thread while the tokenizer loads: parsing the 262K-piece vocabulary holds the GIL for about a second,
+    but a long torch op (packing the output head) releases it and proceeds alongside.
     """
     from .tokenizer import load_tokenizer
 
@@ -168,7 +171,11 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     try:
         cfg, state, path = load_state(name_or_path)
         model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
-        tok = load_tokenizer(path)
+        with ThreadPoolExecutor(1) as pool:
+            prepared = pool.submit(prepare, model) if prepare else None
+            tok = load_tokenizer(path)
+            if prepared:
+                prepared.result()  # re-raises what went wrong there
     finally:
         release_gguf()
     if tok.vocab_size > cfg.vocab_size:
