@@ -65,8 +65,10 @@ def weight_bytes_per_token(model) -> int:
 
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear | PackedLinear):
+        if isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * 4
         elif isinstance(m, Int8Linear):
             total += m.in_features * m.out_features + 4 * m.out_features
     if model.lm_head is None:

@@ -133,14 +133,15 @@ class PackedLinear(nn.Module):
     262,144 x 640 head that is 671 MB copied per token. Packed once, the head's matrix-vector product
     streams at about twice the speed, and a product with k rows (speculative decoding's check) costs
     little more than one. This is the kernel torch.compile's CPU backend uses for frozen linear weights.
-    `weight` keeps the plain tensor (for a tied head, the embedding table itself: nothing is copied twice).
+    `weight` keeps the plain tensor (for a tied head, the embedding table itself: nothing is copied twice)
+    unless `keep_weight=False`, for a weight nothing else needs (a fused copy made only to be packed).
     """
 
-    def __init__(self, weight: Tensor, rows_hint: int = 8):
+    def __init__(self, weight: Tensor, rows_hint: int = 8, keep_weight: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows_hint)
+        self.weight = weight.detach() if keep_weight else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
 
     @staticmethod
     def available(weight: Tensor) -> bool:
@@ -183,7 +184,7 @@ def pack_model(model: Gemma) -> Gemma:
         packed_head = PackedLinear(head)
     except (RuntimeError, NotImplementedError):  # a CPU or build without the packed kernel: keep F.linear
         return model
-    _convert(model, PackedLinear)
+    _convert(model, lambda w: PackedLinear(w, keep_weight=False))
     model.lm_head = packed_head  # model.logits calls lm_head when it is set
     return model
 
