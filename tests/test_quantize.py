@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -71,6 +72,28 @@ def test_int8_linear_dequantized_round_trips():
     for kernel in ("int8", "int8-wo"):
         lin = Int8Linear(w, kernel)
         assert (lin.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # within one step
+
+
+def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf):  # noqa: F811
+    from nanogemma.errors import NanogemmaError
+    from nanogemma.quantize import load_for_inference
+    from nanogemma.weights import load
+
+    threads = []
+    model, tok = load(tiny_hf, prepare=lambda m: threads.append(threading.current_thread()))
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+
+    def fail(m):
+        raise NanogemmaError("packing failed")
+
+    with pytest.raises(NanogemmaError, match="packing failed"):  # an error there is the caller's error
+        load(tiny_hf, prepare=fail)
+    packed, _ = load_for_inference(str(tiny_hf))
+    assert isinstance(packed.layers[1].mlp.gate_up, PackedLinear) == PackedLinear.available(torch.zeros(1))
+    q, _ = load_for_inference(str(tiny_hf), quantize="int8")
+    assert isinstance(q.layers[1].attn.wqkv, Int8Linear) and isinstance(q.lm_head, Int8Linear)
+    unpacked, _ = load_for_inference(str(tiny_hf), pack=False)
+    assert unpacked.layers[1].attn.wqkv is None
 
 
 def test_loading_does_not_import_torch_dynamo(tiny_hf):  # noqa: F811

@@ -67,6 +67,22 @@ def test_compiled_step_with_speculation(model):
     assert spec == plain
 
 
+def test_int8_check_uses_the_drafts_logits_for_s(model):
+    """fbgemm's int8 rounds activations once per call, so a k-row check rounds differently from one-row
+    decoding; the check takes S's columns from the drafts' one-row products instead. With S the whole
+    vocabulary every column does, so speculative int8 is plain int8, token for token, and no draft fails."""
+    import copy
+
+    from nanogemma.quantize import quantize_model
+
+    q = quantize_model(copy.deepcopy(model), "int8")
+    ids = prompt(13)
+    plain, _ = decode(q, ids, 100)
+    spec, stats = decode(q, ids, 100, Speculation(list(range(512)), 6))
+    assert spec == plain
+    assert stats.accepted == stats.drafted
+
+
 def test_batches_ignore_speculation(model):
     a, b = prompt(5), prompt(12)
     d = Decoder(model, [a, b], 20, speculation=Speculation(list(range(100)), 4))

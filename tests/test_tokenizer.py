@@ -238,6 +238,8 @@ def test_byte_fallback_never_unk(tok):
 
 def test_hf_folder_round_trip(tok, ref_ids, tmp_path):
     tok.save(tmp_path)
+    merges = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    assert merges[0] == "\n \n" and all(isinstance(m, str) for m in merges)  # the spelling that parses faster
     again = Tokenizer.from_hf(tmp_path)
     assert again.encode_batch(CORPUS) == ref_ids
     assert (again.bos_id, again.eos_id, again.pad_id, again.unk_id, again.end_of_turn_id) == (2, 1, 0, 3, 106)
