@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,13 +155,18 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", prepare: Callable[[Gemma], object] | None = None):
+         device: str | torch.device = "cpu",
+         prepare: Callable[[Gemma, threading.Event], object] | None = None):
     """Load a model and its tokenizer: `model, tok = nanogemma.load()`.
 
     `name_or_path`: None or "gemma3-270m" (the official 270M weights, from the `[weights]` extra), a .gguf
-    file, a Hugging Face folder, or a nanogemma run folder. `prepare(model)`, if given, runs on a second
-    thread while the tokenizer loads: parsing the 262K-piece vocabulary holds the GIL for about a second,
-    but a long torch op (packing the output head) releases it and proceeds alongside.
+    file, a Hugging Face folder, or a nanogemma run folder.
+
+    `prepare(model, go)`, if given, runs on a second thread while the tokenizer loads. Parsing the
+    262K-piece vocabulary holds the GIL for about a second, so only a torch op already running (they
+    release the GIL) proceeds alongside: `quantize.pack_model` sets `go` just before reordering the output
+    head, and the tokenizer waits for that (or for `prepare` to return), so that the parse cannot take the
+    GIL first.
     """
     from .tokenizer import load_tokenizer
 
@@ -172,7 +178,11 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
         cfg, state, path = load_state(name_or_path)
         model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
         with ThreadPoolExecutor(1) as pool:
-            prepared = pool.submit(prepare, model) if prepare else None
+            go = threading.Event()
+            prepared = pool.submit(prepare, model, go) if prepare else None
+            if prepared:
+                prepared.add_done_callback(lambda _: go.set())
+                go.wait()
             tok = load_tokenizer(path)
             if prepared:
                 prepared.result()  # re-raises what went wrong there

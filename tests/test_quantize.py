@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -74,16 +75,33 @@ def test_int8_linear_dequantized_round_trips():
         assert (lin.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # within one step
 
 
-def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf):  # noqa: F811
+def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, monkeypatch):  # noqa: F811
+    from nanogemma import tokenizer
     from nanogemma.errors import NanogemmaError
     from nanogemma.quantize import load_for_inference
     from nanogemma.weights import load
 
-    threads = []
-    model, tok = load(tiny_hf, prepare=lambda m: threads.append(threading.current_thread()))
-    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    events = []
+    real = tokenizer.load_tokenizer
 
-    def fail(m):
+    def logged_tokenizer(path):
+        events.append("tokenizer")
+        return real(path)
+
+    def prepare(model, go):
+        events.append(threading.current_thread() is not threading.main_thread())
+        go.set()  # from here on the tokenizer may load
+        time.sleep(0.2)
+        events.append("prepared")
+
+    monkeypatch.setattr(tokenizer, "load_tokenizer", logged_tokenizer)
+    load(tiny_hf, prepare=prepare)
+    assert events == [True, "tokenizer", "prepared"]  # in parallel, and load waited for prepare
+    events.clear()
+    load(tiny_hf, prepare=lambda model, go: events.append("no go"))  # returning also lets it go on
+    assert events == ["no go", "tokenizer"]
+
+    def fail(model, go):
         raise NanogemmaError("packing failed")
 
     with pytest.raises(NanogemmaError, match="packing failed"):  # an error there is the caller's error
