@@ -70,9 +70,8 @@ class Speculation:
 
 def common_token_ids(tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB) -> list[int]:
     """The starting S: the first `draft_vocab` ordinary pieces and every single character below U+3000."""
-    vocab = tok.backend.get_vocab()
     ids = []
-    for piece, i in vocab.items():
+    for i, piece in enumerate(tok.pieces()):
         special = piece.startswith("<") and piece.endswith(">") and len(piece) > 2  # <unused7>, <0x0A>, ...
         if special and i not in (tok.eos_id, getattr(tok, "end_of_turn_id", None)):
             continue

@@ -1,4 +1,4 @@
-"""The Gemma 3 tokenizer, built on the `tokenizers` library from a GGUF file or a Hugging Face folder.
+"""The Gemma 3 tokenizer, from a GGUF file or a Hugging Face folder, on the `tokenizers` library.
 
 How Gemma tokenizes:
 
@@ -13,15 +13,21 @@ How Gemma tokenizes:
 
 A GGUF stores the pieces, their scores and types, but no merge list, so `from_gguf` derives the merges
 (see `_derive_merges`) and caches the finished `tokenizer.json` under the nanogemma cache directory, keyed
-by the file's SHA-256: the first build takes a while (mostly the GGUF parser), later loads ~1 s.
+by the file's SHA-256, with a SentencePiece model of the same vocabulary beside it. The first build takes
+a while (mostly the GGUF parser). Loading the `tokenizer.json` with `tokenizers` takes 1 s, a third of a
+cold start's wait for the first token, so later starts encode and decode with the `sentencepiece` library
+instead (`SentencePieceEngine`), which loads the same vocabulary in 0.1 s and gives the same ids; the
+`tokenizers` object is loaded only when something needs it (data preparation, export).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +37,54 @@ from tokenizers.models import BPE
 
 from .errors import NanogemmaError
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types (GGUF uses the same numbers)
-_BUILD_VERSION = 2  # bump when the built tokenizer changes, to invalidate caches
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # SentencePiece piece types, as in GGUF
+_BUILD_VERSION = 3  # bump when the built tokenizer changes, to invalidate caches
 _SPECIAL_NAMES = {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"}
 
 
 class Tokenizer:
-    """Text <-> token ids, exactly as the reference Gemma 3 tokenizer does it."""
+    """Text <-> token ids, exactly as the reference Gemma 3 tokenizer does it.
 
-    def __init__(self, backend: _Backend, *, bos_id: int, eos_id: int, pad_id: int, unk_id: int,
-                 add_bos_token: bool = True) -> None:
-        self.backend = backend
+    `backend` is the `tokenizers` object, or a function that loads it on first use. `fast`, when given, is
+    a `SentencePieceEngine` with the same vocabulary that does the encoding and decoding instead.
+    """
+
+    def __init__(self, backend: _Backend | Callable[[], _Backend], *, bos_id: int, eos_id: int, pad_id: int,
+                 unk_id: int, add_bos_token: bool = True, fast: SentencePieceEngine | None = None) -> None:
+        self._backend = backend
+        self.fast = fast
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos_token = add_bos_token  # False for models that want no <bos>: then encode never adds it
-        self.start_of_turn_id = backend.token_to_id("<start_of_turn>")
-        self.end_of_turn_id = backend.token_to_id("<end_of_turn>")
+        self.start_of_turn_id = self.token_to_id("<start_of_turn>")
+        self.end_of_turn_id = self.token_to_id("<end_of_turn>")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
 
     @property
+    def backend(self) -> _Backend:
+        """The `tokenizers.Tokenizer` (data preparation and export use it directly)."""
+        if callable(self._backend):
+            self._backend = self._backend()
+        return self._backend
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, special tokens included (the model's embedding rows)."""
+        if self.fast:
+            return len(self.fast)
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids."""
+        if self.fast:
+            return self._with_bos(self.fast.encode(text), add_bos)
         return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids, add_bos)
 
     def encode_batch(self, texts: list[str], add_bos: bool = True) -> list[list[int]]:
-        """`encode` for many texts at once, in parallel inside `tokenizers`."""
+        """`encode` for many texts at once."""
+        if self.fast:
+            return [self._with_bos(self.fast.encode(t), add_bos) for t in texts]
         encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [self._with_bos(e.ids, add_bos) for e in encs]
 
@@ -73,15 +97,25 @@ class Tokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
+        if self.fast:
+            return self.fast.decode(list(ids), skip_special)
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a piece as the vocabulary spells it (spaces as "▁"), or None."""
-        return self.backend.token_to_id(token)
+        return self.fast.piece_id(token) if self.fast else self.backend.token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
         """Piece of an id, or None when out of range."""
+        if self.fast:
+            return self.fast.sp.id_to_piece(i) if 0 <= i < len(self.fast) else None
         return self.backend.id_to_token(i)
+
+    def pieces(self) -> list[str]:
+        """Every piece, indexed by id."""
+        if self.fast:
+            return self.fast.sp.id_to_piece(list(range(len(self.fast))))
+        return [p for p, _ in sorted(self.backend.get_vocab().items(), key=lambda item: item[1])]
 
     def save(self, folder: str | Path) -> None:
         """Write a Hugging Face tokenizer folder: `AutoTokenizer.from_pretrained(folder)` gives the same ids."""
@@ -117,13 +151,14 @@ class Tokenizer:
         cached = cache_dir() / "tokenizers" / f"{file_digest(path)[:32]}-v{_BUILD_VERSION}"
         if (cached / "tokenizer_config.json").is_file():
             return cls.from_hf(cached)
-        backend, ids = _read_gguf_tokenizer(path)
+        backend, ids, pieces, types = _read_gguf_tokenizer(path)
         tok = cls(backend, **ids)
         try:  # best effort: a read-only cache only costs speed
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
             tmp.chmod(0o755)
             tok.save(tmp)
+            tok.fast = SentencePieceEngine.write(tmp / SentencePieceEngine.FILE, pieces, types, tok)
             try:
                 tmp.rename(cached)  # atomic: readers see the whole folder or none
             except OSError:  # another process finished first
@@ -146,7 +181,13 @@ class Tokenizer:
         for key, default in _SPECIAL_NAMES.items():
             name = config.get(f"{key}_token") or default
             names[key] = name.get("content", default) if isinstance(name, dict) else name
-        if (folder / "tokenizer.json").is_file():
+        fast = None
+        if (folder / "tokenizer.json").is_file() and (folder / SentencePieceEngine.FILE).is_file():
+            # Only nanogemma's own cache holds this file next to tokenizer.json (a Hugging Face folder's
+            # tokenizer.model is named tokenizer.model): the same vocabulary, checked when it was written.
+            fast = SentencePieceEngine(folder / SentencePieceEngine.FILE)
+            backend: _Backend | Callable[[], _Backend] = lambda: _Backend.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "tokenizer.json").is_file():
             backend = _Backend.from_file(str(folder / "tokenizer.json"))
         elif (folder / "tokenizer.model").is_file():
             pieces, types = _read_sentencepiece(folder / "tokenizer.model")
@@ -154,13 +195,148 @@ class Tokenizer:
         else:
             raise NanogemmaError(f"{folder} holds neither tokenizer.json nor tokenizer.model: "
                                  "copy the model's tokenizer files there, or pass a .gguf file")
-        ids = {f"{key}_id": backend.token_to_id(name) for key, name in names.items()}
+        token_to_id = fast.piece_id if fast else backend.token_to_id
+        ids = {f"{key}_id": token_to_id(name) for key, name in names.items()}
         ids["pad_id"] = ids["eos_id"] if ids["pad_id"] is None else ids["pad_id"]
         missing = [names[k[:-3]] for k, v in ids.items() if v is None]
         if missing:
             raise NanogemmaError(f"{folder}: the vocabulary lacks {', '.join(missing)}; "
                                  "name the special tokens in tokenizer_config.json")
-        return cls(backend, **ids, add_bos_token=bool(config.get("add_bos_token", True)))
+        return cls(backend, **ids, add_bos_token=bool(config.get("add_bos_token", True)), fast=fast)
+
+class SentencePieceEngine:
+    """Gemma's BPE run by the `sentencepiece` library, giving the reference's ids.
+
+    SentencePiece merges the adjacent pair whose joined piece scores best, as `tokenizers` merges by rank,
+    so with each piece scored by minus its position the two agree, byte fallback and user-defined pieces
+    included. Two differences remain, and are closed here:
+
+    * SentencePiece never reads a control token such as <start_of_turn> in text; the reference does. The
+      text is cut at every "<...>" that names a control token, and the rest encoded around it.
+    * It cuts a run of more than 31 spaces greedily, 31 first; the reference's merges join the smallest
+      adjacent chunks first ("▁▁" ranks above "▁▁▁", and so on up to 31), which `_space_run` replays.
+    """
+
+    FILE = "nanogemma-sentencepiece.model"
+    _CANDIDATE = re.compile(r"<[^<>]+>")
+    _SPACE_RUN = re.compile("[ ▁]{32,}")  # a literal "▁" is a space too
+    _CHECK = ("Hello world <start_of_turn>user\n  x\t\t¿Qué? 日本語 😀 <0x41> " + " " * 45 + "<eos>\n\n")
+
+    def __init__(self, model_file: str | Path) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self._size = self.sp.get_piece_size()
+        self._runs = [self.piece_id("▁" * k) for k in range(32)]
+
+    def __len__(self) -> int:
+        return self._size
+
+    @classmethod
+    def write(cls, path: Path, pieces: list[str], types: list[int], tok: Tokenizer) -> SentencePieceEngine | None:
+        """Write the model for this vocabulary and return its engine, if it gives `tok`'s ids; else None."""
+        specials = [p for p, t in zip(pieces, types, strict=True) if t in (UNKNOWN, CONTROL)]
+        if not all(cls._CANDIDATE.fullmatch(p) for p in specials) or types.count(BYTE) != 256:
+            return None
+        path.write_bytes(_sentencepiece_model(pieces, types, tok))
+        try:
+            engine = cls(path)
+            if all(engine.encode(t) == tok.encode(t, add_bos=False) for t in (cls._CHECK, *specials[:50])):
+                return engine
+        except (ImportError, RuntimeError, OSError):
+            pass
+        path.unlink()
+        return None
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)  # the <unk> id when the piece is unknown
+        return i if 0 <= i < self._size and self.sp.id_to_piece(i) == piece else None
+
+    def encode(self, text: str) -> list[int]:
+        ids, start = [], 0
+        for m in self._CANDIDATE.finditer(text):
+            i = self.piece_id(m.group())
+            if i is not None and (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                ids += self._encode_plain(text[start:m.start()])
+                ids.append(i)
+                start = m.end()
+        return ids + self._encode_plain(text[start:])
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids, start = [], 0
+        for m in self._SPACE_RUN.finditer(text):
+            ids += self.sp.encode(text[start:m.start()])
+            ids += [self._runs[k] for k in _space_run(m.end() - m.start())]
+            start = m.end()
+        return ids + self.sp.encode(text[start:])
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        """As the reference: "▁" is a space, byte pieces join into characters (U+FFFD per byte if they do
+        not form one), special tokens are written out unless skipped, ids out of range are dropped."""
+        ids = [i for i in ids if 0 <= i < self._size]
+        if skip_special:  # before joining bytes: bytes on either side of a skipped token form one character
+            ids = [i for i in ids if not (self.sp.is_control(i) or self.sp.is_unknown(i))]
+        out, pending = [], bytearray()
+        for i, piece in zip(ids, self.sp.id_to_piece(ids), strict=True):
+            if piece.startswith("<0x") and self.sp.is_byte(i):
+                pending.append(int(piece[3:-1], 16))
+                continue
+            if pending:
+                out.append(_bytes_to_text(pending))
+                pending.clear()
+            out.append(piece.replace("▁", " "))
+        if pending:
+            out.append(_bytes_to_text(pending))
+        return "".join(out)
+
+
+def _bytes_to_text(data: bytearray) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(data)
+
+
+def _space_run(n: int) -> list[int]:
+    """Chunk lengths the reference's BPE cuts n spaces into: for k = 2..31 in turn, join adjacent chunks
+    that add up to k, leftmost first (a join only makes chunks longer than k, so one pass per k is enough)."""
+    chunks = [1] * n
+    for k in range(2, 32):
+        joined, i = [], 0
+        while i < len(chunks):
+            if i + 1 < len(chunks) and chunks[i] + chunks[i + 1] == k:
+                joined.append(k)
+                i += 2
+            else:
+                joined.append(chunks[i])
+                i += 1
+        chunks = joined
+    return chunks
+
+
+def _sentencepiece_model(pieces: list[str], types: list[int], tok: Tokenizer) -> bytes:
+    """A SentencePiece `ModelProto`: BPE with byte fallback, no dummy prefix, whitespace kept as is."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        return bytes(out) + bytes([n])
+
+    def field(number: int, value: bytes | int) -> bytes:  # an int as a varint, bytes length-prefixed
+        if isinstance(value, int):
+            return varint(number << 3) + varint(value)
+        return varint(number << 3 | 2) + varint(len(value)) + value
+
+    out = bytearray()
+    for i, (piece, kind) in enumerate(zip(_spell_spaces(pieces), types, strict=True)):
+        score = varint(2 << 3 | 5) + struct.pack("<f", -float(i))  # rank by position, as `_derive_merges`
+        out += field(1, field(1, piece.encode("utf-8")) + score + field(3, kind))
+    ids = (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id)  # TrainerSpec: BPE, byte fallback, special ids
+    out += field(2, field(3, 2) + field(35, 1) + b"".join(field(40 + k, i) for k, i in enumerate(ids)))
+    out += field(3, field(1, b"identity") + field(3, 0) + field(4, 0))  # NormalizerSpec
+    return bytes(out)
 
 
 def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
@@ -194,10 +370,14 @@ def _derive_merges(pieces: list[str]) -> list[tuple[str, str]]:
     return [(p[:k], p[k:]) for p in pieces for k in range(len(p) - 1, 0, -1) if p[:k] in known and p[k:] in known]
 
 
+def _spell_spaces(pieces: list[str]) -> list[str]:
+    """A run of spaces may be stored with real spaces; the model sees spaces as "▁", so spell it that way."""
+    return ["▁" * len(p) if " " in p and not p.strip() else p for p in pieces]
+
+
 def _build(pieces: list[str], types: list[int], unk: str, bos: str | None) -> _Backend:
     """A `tokenizers` BPE with byte fallback over `pieces`, with Gemma's normalizer and decoder."""
-    # A run of spaces may be stored with real spaces; the model sees spaces as "▁", so spell it that way.
-    pieces = ["▁" * len(p) if " " in p and not p.strip() else p for p in pieces]
+    pieces = _spell_spaces(pieces)
     vocab = {p: i for i, p in enumerate(pieces)}
     backend = _Backend(BPE(vocab, _derive_merges(pieces), unk_token=unk, fuse_unk=True, byte_fallback=True))
     backend.normalizer = normalizers.Replace(" ", "▁")
@@ -215,8 +395,8 @@ def _build(pieces: list[str], types: list[int], unk: str, bos: str | None) -> _B
     return backend
 
 
-def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any]]:
-    """(backend, special ids...) from a GGUF's `tokenizer.ggml.*` metadata."""
+def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any], list[str], list[int]]:
+    """(backend, special ids..., pieces, piece types) from a GGUF's `tokenizer.ggml.*` metadata."""
     from .weight_files import open_gguf
 
     reader = open_gguf(path)
@@ -238,7 +418,7 @@ def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any]]:
     if field("add_space_prefix", False):
         raise NanogemmaError(f"{path}: tokenizers that prepend a space are not supported (Gemma's does not)")
     backend = _build(pieces, types, unk=pieces[ids["unk_id"]], bos=pieces[ids["bos_id"]])
-    return backend, {**ids, "add_bos_token": bool(field("add_bos_token", True))}
+    return backend, {**ids, "add_bos_token": bool(field("add_bos_token", True))}, pieces, types
 
 
 def _proto(buf: memoryview) -> Iterator[tuple[int, Any]]:

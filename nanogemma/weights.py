@@ -162,11 +162,12 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     `name_or_path`: None or "gemma3-270m" (the official 270M weights, from the `[weights]` extra), a .gguf
     file, a Hugging Face folder, or a nanogemma run folder.
 
-    `prepare(model, go)`, if given, runs on a second thread while the tokenizer loads. Parsing the
-    262K-piece vocabulary holds the GIL for about a second, so only a torch op already running (they
-    release the GIL) proceeds alongside: `quantize.pack_model` sets `go` just before reordering the output
-    head, and the tokenizer waits for that (or for `prepare` to return), so that the parse cannot take the
-    GIL first.
+    `prepare(model, go)`, if given, runs on a second thread while the tokenizer loads. Reading the
+    262K-piece vocabulary holds the GIL (0.1-0.2 s from nanogemma's cached SentencePiece model, about a
+    second where `tokenizers` parses a tokenizer.json), so only a torch op already running (they release
+    the GIL) proceeds alongside: `quantize.pack_model` sets `go` just before reordering the output head,
+    and the tokenizer waits for that (or for `prepare` to return), so that the load cannot take the GIL
+    first.
     """
     from .tokenizer import load_tokenizer
 

@@ -7,11 +7,12 @@ import json
 import random
 import re
 import struct
+import types as types_module
 
 import pytest
 
 from nanogemma.errors import NanogemmaError
-from nanogemma.tokenizer import Tokenizer, load_tokenizer
+from nanogemma.tokenizer import SentencePieceEngine, Tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------- corpus
 
@@ -231,6 +232,56 @@ def test_round_trip(tok):
 def test_byte_fallback_never_unk(tok):
     ids = tok.encode("\U000f0000\x00\U00030000", add_bos=False)  # characters without a piece of their own
     assert [tok.id_to_token(i) for i in ids] == [f"<0x{b:02X}>" for b in "\U000f0000\x00\U00030000".encode()]
+
+
+# ----------------------------------------------------------------------------------------------- engines
+
+
+def test_cached_load_uses_sentencepiece(gguf_path):
+    """A start reads the cached SentencePiece model; the `tokenizers` object is loaded only when asked for."""
+    again = Tokenizer.from_gguf(gguf_path)
+    assert isinstance(again.fast, SentencePieceEngine) and callable(again._backend)
+    assert again.encode("Hi <start_of_turn>") == [2, 10979, 236743, 105]
+    assert again.backend.get_vocab_size(with_added_tokens=True) == again.vocab_size == 262144
+    assert not callable(again._backend)
+
+
+def test_engines_agree_on_random_text(tok):
+    """The SentencePiece engine against the `tokenizers` object: text made of the pieces where they could
+    part (specials, spaces, bytes, user-defined tags), and random ids decoded."""
+    rng = random.Random(1)
+    alphabet = [*" \n\t<>_/abé日😀\u0301▁", "<start_of_turn>", "<eos>", "<unused5>", "<unk>", "<mask>", "<b>",
+                "<table>", "[multimodal]", "<0x41>", "  ", " " * 33, "\n\n", "<start_of_turn", "<<eos>>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    bad = [t for t in texts if tok.fast.encode(t) != tok.backend.encode(t, add_special_tokens=False).ids]
+    assert not bad, f"encode: {len(texts) - len(bad)}/{len(texts)} agree; first: {bad[:3]}"
+    pools = [range(262144), range(0, 600), range(236000, 262144)]
+    seqs = [[rng.choice(pools[k % 3]) for _ in range(rng.randint(1, 30))] for k in range(1500)]
+    for skip in (False, True):
+        bad = [s for s in seqs if tok.fast.decode(s, skip) != tok.backend.decode(s, skip_special_tokens=skip)]
+        assert not bad, f"decode(skip_special={skip}): first disagreements {bad[:3]}"
+    assert tok.pieces() == [p for p, _ in sorted(tok.backend.get_vocab().items(), key=lambda kv: kv[1])]
+
+
+def test_long_space_runs(tok, ref_tokenizer):
+    """Runs of over 31 spaces, where SentencePiece alone would cut 31 + rest: cut as the reference cuts them."""
+    texts = [f"x{' ' * n}y" for n in range(1, 140)] + [" " * n for n in range(30, 300, 7)] + ["a" + " " * 64]
+    ok = [tok.encode(t) == ref_tokenizer(t).input_ids for t in texts]
+    assert all(ok), f"{sum(ok)}/{len(ok)} match"
+
+
+def test_engine_is_only_written_when_it_agrees(tok, tmp_path):
+    """`SentencePieceEngine.write` checks the model it writes against the `tokenizers` ids, and keeps
+    nothing when they differ, or when the specials cannot be found in text by their "<...>" shape."""
+    pieces = tok.pieces()
+    sp = tok.fast.sp
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(len(pieces))]
+    wrong = types_module.SimpleNamespace(unk_id=3, bos_id=2, eos_id=1, pad_id=0, encode=lambda text, add_bos: [])
+    path = tmp_path / SentencePieceEngine.FILE
+    assert SentencePieceEngine.write(path, pieces, types, wrong) is None and not path.exists()
+    odd = [*pieces[:4], "[mask]", *pieces[5:]]  # a control token not spelled <...>
+    assert SentencePieceEngine.write(path, odd, types, tok) is None and not path.exists()
 
 
 # ----------------------------------------------------------------------------------------------- folders
