@@ -32,6 +32,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -67,26 +68,39 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+_PACK_ROWS = 65_536
+
+
+def _prepack(weight: Tensor) -> object:
+    """fbgemm's packed form of per-row int8 `weight` (opaque: not a state-dict tensor)."""
+    q, scale = quantize_rows(weight)
+    with warnings.catch_warnings():  # quantized tensor types are deprecated, the fbgemm ops are not
+        warnings.simplefilter("ignore", UserWarning)
+        zero = torch.zeros_like(scale, dtype=torch.long)
+        return torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0),
+                                                  None)
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer over int8 weights; see the module docstring for the two kernels."""
 
-    def __init__(self, weight: Tensor, kernel: str = "int8"):
+    def __init__(self, weight: Tensor, kernel: str = "int8", workers: int = 1):
         super().__init__()
         if kernel not in MODES:
             raise NanogemmaError(f"unknown int8 kernel '{kernel}'; choose from: {', '.join(MODES)}")
         self.out_features, self.in_features = weight.shape
-        q, scale = quantize_rows(weight.detach())
         self.kernel = kernel if weight.device.type == "cpu" else "int8-wo"  # fbgemm is CPU-only
         if self.kernel == "int8":
-            # fbgemm wants a quantized tensor to pack; the packed form is opaque (not a state-dict tensor).
-            with warnings.catch_warnings():  # quantized tensor types are deprecated, the fbgemm ops are not
-                warnings.simplefilter("ignore", UserWarning)
-                zero = torch.zeros_like(scale, dtype=torch.long)
-                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-                self.packed = torch.ops.quantized.linear_prepack(qw, None)
+            # fbgemm packs one matrix on one core (2.7 s for the 262,144-row head), so a large weight is
+            # packed in blocks of rows, `workers` at a time; the products are the same, column for column,
+            # since every block rounds the same x the same way.
+            blocks = weight.detach().split(_PACK_ROWS)
+            with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
+                self.packed = list(pool.map(_prepack, blocks))
             self.key = next(_KEYS)
             _LAYERS[self.key] = self
         else:
+            q, scale = quantize_rows(weight.detach())
             self.register_buffer("q", q.to(weight.device))
             self.register_buffer("scale", scale.to(weight.device))
 
@@ -96,14 +110,15 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> Tensor:
         """The float32 weight (O, I) these int8 rows stand for."""
         if self.kernel == "int8":
-            qw, _ = torch.ops.quantized.linear_unpack(self.packed)
-            return qw.dequantize()
+            return torch.cat([torch.ops.quantized.linear_unpack(p)[0].dequantize() for p in self.packed])
         return self.q.float() * self.scale[:, None]
 
     def dynamic(self, x: Tensor) -> Tensor:
         # reduce_range: 7-bit activations. AVX2's int8 multiply-add sums pairs of products into int16,
         # which full-range uint8 x int8 products overflow (saturate): errors of several percent.
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        if len(self.packed) == 1:
+            return torch.ops.quantized.linear_dynamic(x, self.packed[0], True)
+        return torch.cat([torch.ops.quantized.linear_dynamic(x, p, True) for p in self.packed], dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape[:-1]
@@ -158,21 +173,26 @@ class PackedLinear(nn.Module):
         return y.view(*shape, self.out_features)
 
 
-def _convert(model: Gemma, make: Callable[[Tensor], nn.Module]) -> None:
+def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1) -> None:
     """Rebuild every block's projections with `make(weight)`, fusing q/k/v and gate/up on the way.
 
     A fused product reads the same weights in one kernel call instead of three (or two): at batch 1 each
     call has a fixed cost (the int8 kernel rounds the activations, oneDNN sets up its panels) that is a
     large share of a small matrix-vector product. The results are the same, row for row: every output row
-    still comes from its own weight row, and int8 rounds x once per call either way.
+    still comes from its own weight row, and int8 rounds x once per call either way. `make` runs on
+    `workers` threads (torch ops release the GIL while they work).
     """
     with torch.no_grad():
+        weights = []
         for block in model.layers:
             attn, mlp = block.attn, block.mlp
-            attn.wqkv = make(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
-            attn.wo = make(attn.wo.weight)
-            mlp.gate_up = make(torch.cat([mlp.gate.weight, mlp.up.weight]))
-            mlp.down = make(mlp.down.weight)
+            weights += [torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]), attn.wo.weight,
+                        torch.cat([mlp.gate.weight, mlp.up.weight]), mlp.down.weight]
+        with ThreadPoolExecutor(workers) as pool:
+            made = iter(list(pool.map(make, weights)))
+        for block in model.layers:
+            attn, mlp = block.attn, block.mlp
+            attn.wqkv, attn.wo, mlp.gate_up, mlp.down = next(made), next(made), next(made), next(made)
             attn.wq = attn.wk = attn.wv = mlp.gate = mlp.up = None  # their weights now live in the fused ones
 
 
@@ -199,10 +219,12 @@ def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
     """Replace every projection and the output head by `Int8Linear`, in place; returns the model."""
     if mode not in MODES:
         raise NanogemmaError(f"unknown quantization '{mode}'; choose from: {', '.join(MODES)}")
-    _convert(model, lambda w: Int8Linear(w, mode))
+    workers = torch.get_num_threads()  # fbgemm packs on one core: spread the matrices over all of them
     with torch.no_grad():
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        model.lm_head = Int8Linear(head, mode)  # model.logits calls lm_head when it is set
+        head = Int8Linear(head, mode, workers)
+    _convert(model, lambda w: Int8Linear(w, mode), workers)
+    model.lm_head = head  # model.logits calls lm_head when it is set
     return model
 
 

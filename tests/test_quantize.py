@@ -58,6 +58,25 @@ def test_fused_projections_give_each_projection_exactly(kernel):
         assert torch.equal(part, Int8Linear(w, kernel)(x))
 
 
+def test_int8_packed_in_row_blocks_gives_the_same_products(monkeypatch):
+    """A weight packed in blocks of rows, on several threads (as the head is), gives the one-block numbers."""
+    from nanogemma import quantize
+
+    w, x = torch.randn(100, 32), torch.randn(3, 32)
+    whole = Int8Linear(w)
+    monkeypatch.setattr(quantize, "_PACK_ROWS", 16)
+    blocks = Int8Linear(w, workers=2)
+    assert len(whole.packed) == 1 and len(blocks.packed) == 7
+    assert torch.equal(blocks(x), whole(x)) and torch.equal(blocks.dequantized(), whole.dequantized())
+    blocked = quantize_model(tiny_model(), "int8")  # the head in blocks, the layers on two threads
+    monkeypatch.setattr(quantize, "_PACK_ROWS", 1 << 30)
+    single = quantize_model(tiny_model(), "int8")
+    assert len(blocked.lm_head.packed) > 1 and len(single.lm_head.packed) == 1
+    ids = torch.tensor([[2, 30, 40, 50]])
+    with torch.inference_mode():
+        assert torch.equal(blocked(ids), single(ids))
+
+
 def test_quantized_model_is_fused_and_matches_the_unfused_product():
     ref = tiny_model()
     q = quantize_model(tiny_model(), "int8")
