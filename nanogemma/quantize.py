@@ -182,18 +182,17 @@ def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1
     still comes from its own weight row, and int8 rounds x once per call either way. `make` runs on
     `workers` threads (torch ops release the GIL while they work).
     """
-    with torch.no_grad():
-        weights = []
-        for block in model.layers:
-            attn, mlp = block.attn, block.mlp
-            weights += [torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]), attn.wo.weight,
-                        torch.cat([mlp.gate.weight, mlp.up.weight]), mlp.down.weight]
-        with ThreadPoolExecutor(workers) as pool:
-            made = iter(list(pool.map(make, weights)))
-        for block in model.layers:
-            attn, mlp = block.attn, block.mlp
-            attn.wqkv, attn.wo, mlp.gate_up, mlp.down = next(made), next(made), next(made), next(made)
-            attn.wq = attn.wk = attn.wv = mlp.gate = mlp.up = None  # their weights now live in the fused ones
+    def convert(block: nn.Module) -> None:
+        attn, mlp = block.attn, block.mlp
+        with torch.no_grad():
+            attn.wqkv = make(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
+            attn.wo = make(attn.wo.weight)
+            mlp.gate_up = make(torch.cat([mlp.gate.weight, mlp.up.weight]))
+            mlp.down = make(mlp.down.weight)
+        attn.wq = attn.wk = attn.wv = mlp.gate = mlp.up = None  # their weights now live in the fused ones
+
+    with ThreadPoolExecutor(workers) as pool:  # a block at a time per worker: few float copies alive at once
+        list(pool.map(convert, model.layers))
 
 
 def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
