@@ -71,19 +71,19 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids, special tokens included (the model's embedding rows)."""
-        if self.fast:
+        if self.fast is not None:
             return len(self.fast)
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids."""
-        if self.fast:
+        if self.fast is not None:
             return self._with_bos(self.fast.encode(text), add_bos)
         return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids, add_bos)
 
     def encode_batch(self, texts: list[str], add_bos: bool = True) -> list[list[int]]:
         """`encode` for many texts at once."""
-        if self.fast:
+        if self.fast is not None:
             return [self._with_bos(self.fast.encode(t), add_bos) for t in texts]
         encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [self._with_bos(e.ids, add_bos) for e in encs]
@@ -97,23 +97,23 @@ class Tokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
-        if self.fast:
+        if self.fast is not None:
             return self.fast.decode(list(ids), skip_special)
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a piece as the vocabulary spells it (spaces as "▁"), or None."""
-        return self.fast.piece_id(token) if self.fast else self.backend.token_to_id(token)
+        return self.fast.piece_id(token) if self.fast is not None else self.backend.token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
         """Piece of an id, or None when out of range."""
-        if self.fast:
+        if self.fast is not None:
             return self.fast.sp.id_to_piece(i) if 0 <= i < len(self.fast) else None
         return self.backend.id_to_token(i)
 
     def pieces(self) -> list[str]:
         """Every piece, indexed by id."""
-        if self.fast:
+        if self.fast is not None:
             return self.fast.sp.id_to_piece(list(range(len(self.fast))))
         return [p for p, _ in sorted(self.backend.get_vocab().items(), key=lambda item: item[1])]
 
@@ -195,7 +195,7 @@ class Tokenizer:
         else:
             raise NanogemmaError(f"{folder} holds neither tokenizer.json nor tokenizer.model: "
                                  "copy the model's tokenizer files there, or pass a .gguf file")
-        token_to_id = fast.piece_id if fast else backend.token_to_id
+        token_to_id = fast.piece_id if fast is not None else backend.token_to_id
         ids = {f"{key}_id": token_to_id(name) for key, name in names.items()}
         ids["pad_id"] = ids["eos_id"] if ids["pad_id"] is None else ids["pad_id"]
         missing = [names[k[:-3]] for k, v in ids.items() if v is None]

@@ -239,6 +239,8 @@ def test_byte_fallback_never_unk(tok):
 
 def test_cached_load_uses_sentencepiece(gguf_path):
     """A start reads the cached SentencePiece model; the `tokenizers` object is loaded only when asked for."""
+    first = Tokenizer.from_gguf(gguf_path)  # builds the cache on a new machine
+    assert isinstance(first.fast, SentencePieceEngine)
     again = Tokenizer.from_gguf(gguf_path)
     assert isinstance(again.fast, SentencePieceEngine) and callable(again._backend)
     assert again.encode("Hi <start_of_turn>") == [2, 10979, 236743, 105]
