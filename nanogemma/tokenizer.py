@@ -185,7 +185,11 @@ class Tokenizer:
         if (folder / "tokenizer.json").is_file() and (folder / SentencePieceEngine.FILE).is_file():
             # Only nanogemma's own cache holds this file next to tokenizer.json (a Hugging Face folder's
             # tokenizer.model is named tokenizer.model): the same vocabulary, checked when it was written.
-            fast = SentencePieceEngine(folder / SentencePieceEngine.FILE)
+            try:
+                fast = SentencePieceEngine(folder / SentencePieceEngine.FILE)
+            except (ImportError, RuntimeError, OSError):  # no sentencepiece, or a damaged file: tokenizer.json
+                pass
+        if fast is not None:
             backend: _Backend | Callable[[], _Backend] = lambda: _Backend.from_file(str(folder / "tokenizer.json"))
         elif (folder / "tokenizer.json").is_file():
             backend = _Backend.from_file(str(folder / "tokenizer.json"))

@@ -248,6 +248,13 @@ def test_cached_load_uses_sentencepiece(gguf_path):
     assert not callable(again._backend)
 
 
+def test_damaged_sentencepiece_cache_falls_back_to_tokenizer_json(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / SentencePieceEngine.FILE).write_bytes(b"\x0a\xff damaged")
+    again = Tokenizer.from_hf(tmp_path)
+    assert again.fast is None and again.encode("Hi <start_of_turn>") == [2, 10979, 236743, 105]
+
+
 def test_engines_agree_on_random_text(tok):
     """The SentencePiece engine against the `tokenizers` object: text made of the pieces where they could
     part (specials, spaces, bytes, user-defined tags), and random ids decoded."""
