@@ -6,11 +6,11 @@ import itertools
 import json
 import random
 import re
-import struct
 import types as types_module
 
 import pytest
 
+from nanogemma import tokenizer as tokenizer_module
 from nanogemma.errors import NanogemmaError
 from nanogemma.tokenizer import SentencePieceEngine, Tokenizer, load_tokenizer
 
@@ -282,10 +282,7 @@ def test_long_space_runs(tok, ref_tokenizer):
 def test_engine_is_only_written_when_it_agrees(tok, tmp_path):
     """`SentencePieceEngine.write` checks the model it writes against the `tokenizers` ids, and keeps
     nothing when they differ, or when the specials cannot be found in text by their "<...>" shape."""
-    pieces = tok.pieces()
-    sp = tok.fast.sp
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
-             for i in range(len(pieces))]
+    pieces, types = tok.pieces(), _piece_types(tok)
     wrong = types_module.SimpleNamespace(unk_id=3, bos_id=2, eos_id=1, pad_id=0, encode=lambda text, add_bos: [])
     path = tmp_path / SentencePieceEngine.FILE
     assert SentencePieceEngine.write(path, pieces, types, wrong) is None and not path.exists()
@@ -313,40 +310,24 @@ def test_hf_folder_round_trip(tok, ref_ids, tmp_path):
     assert hf.decode(ref_ids[10]) == tok.decode(ref_ids[10])
 
 
-def _pb(field: int, wire: int, payload: bytes | int) -> bytes:
-    """One protobuf field: wire 0 takes an int, 2 and 5 take bytes."""
-
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
-
-    key = varint(field << 3 | wire)
-    if wire == 0:
-        return key + varint(payload)
-    return key + (varint(len(payload)) if wire == 2 else b"") + payload
-
-
-def _sentencepiece_model(tok: Tokenizer) -> bytes:
-    """A SentencePiece ModelProto with the tokenizer's vocabulary, as a Gemma `tokenizer.model` holds it."""
+def _piece_types(tok: Tokenizer) -> list[int]:
+    """SentencePiece piece types of the vocabulary, as a Gemma `tokenizer.model` holds them."""
     added = tok.backend.get_added_tokens_decoder()
-    out = bytearray()
-    for i in range(tok.vocab_size):
-        piece = tok.id_to_token(i)
+    kinds = []
+    for i, piece in enumerate(tok.pieces()):
         if i in added:
             kind = 3 if added[i].special else 4  # CONTROL, USER_DEFINED
         elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
             kind = 6  # BYTE
         else:
             kind = 4 if len(piece) > 1 and set(piece) == {"▁"} else 1  # whitespace runs are user-defined
-        kind = 2 if piece == "<unk>" else kind
-        out += _pb(1, 2, _pb(1, 2, piece.encode()) + _pb(2, 5, struct.pack("<f", -float(i))) + _pb(3, 0, kind))
-    out += _pb(2, 2, _pb(3, 0, 2) + _pb(35, 0, 1))  # TrainerSpec: BPE, byte fallback
-    out += _pb(3, 2, _pb(1, 2, b"identity") + _pb(3, 0, 0) + _pb(4, 0, 0))  # no dummy prefix, keep whitespace
-    return bytes(out)
+        kinds.append(2 if piece == "<unk>" else kind)
+    return kinds
+
+
+def _sentencepiece_model(tok: Tokenizer) -> bytes:
+    """A SentencePiece ModelProto with the tokenizer's vocabulary (BPE, byte fallback, no dummy prefix)."""
+    return tokenizer_module._sentencepiece_model(tok.pieces(), _piece_types(tok), tok)
 
 
 def test_sentencepiece_model_folder(tok, ref_ids, tmp_path):
