@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from nanogemma.bench import machine
+
+    print(f"machine: {machine()}")
 
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NANOGEMMA_CACHE": cache}

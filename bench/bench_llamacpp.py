@@ -36,7 +36,7 @@ print(json.dumps({"stamps": stamps, "tokens": tokens}))
 def main() -> None:
     import torch
 
-    from nanogemma.bench import prompt_ids, spawn, steady_step
+    from nanogemma.bench import machine, prompt_ids, spawn, steady_step
     from nanogemma.tokenizer import load_tokenizer
     from nanogemma.weight_files import resolve_model
 
@@ -56,6 +56,7 @@ def main() -> None:
     ids = prompt_ids(load_tokenizer(path), args.prompt_tokens)
     spec = {"model": str(path), "ids": ids, "new_tokens": args.new_tokens, "threads": args.threads,
             "device": "cpu"}
+    print(f"# {machine()}", flush=True)
     speeds: dict[str, list[float]] = {}
     agree: dict[str, int] = {}
     for r in range(args.rounds):

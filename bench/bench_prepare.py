@@ -1,6 +1,6 @@
 """Benchmark `nanogemma prepare` against a plain single-process tiktoken loop, on the same corpus, same run.
 
-    python bench/bench_prepare.py --tokenizer-file ../shared/data/gpt2.tiktoken        # 200 MB corpus
+    python bench/bench_prepare.py --tokenizer-file tests/data/gpt2.tiktoken        # 200 MB corpus
 
 The corpus is synthetic stories, one per line (written once, then reused). The baseline is what a
 one-off script does: read each line, `encode_ordinary` it, append the end-of-text id, write uint16 arrays
@@ -25,6 +25,7 @@ import numpy as np
 from nanogemma.data import prepare
 from nanogemma.data.encoders import load_gpt2
 from nanogemma.data.synthetic import stories
+from nanogemma.machine import describe_cpu
 
 
 def _write_part(args: tuple[str, int, int]) -> None:
@@ -113,7 +114,7 @@ def main() -> None:
         b, o = min(base_times), min(our_times)
         print(f"best of {args.rounds}: baseline (1 process, encode_ordinary loop) {n_base / b:,.0f} tokens/s; "
               f"nanogemma prepare ({workers} workers) {n_ours / o:,.0f} tokens/s; speed-up {b / o:.2f}x")
-        print(f"{n_base:,} tokens, {size / 1e6:,.0f} MB; machine: {os.cpu_count()} cores "
+        print(f"{n_base:,} tokens, {size / 1e6:,.0f} MB; machine: {describe_cpu()} "
               f"({platform.machine()}), Python {platform.python_version()}, load average before: {load}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -268,20 +268,15 @@ def table(rows: list[dict], peak_bw: float | None = None) -> str:
 
 
 def machine() -> str:
+    """The header line: CPU model and instruction sets (see `machine.py`), threads, GPU, versions."""
     import platform
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .machine import describe_cpu
+
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}; "
+    return (f"{describe_cpu()}, {torch.get_num_threads()} torch threads{gpu}; "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
@@ -343,7 +338,9 @@ def run_cli(args: argparse.Namespace) -> int:
     best = max((r for r in rows if r["mode"] != "transformers"), key=lambda r: r["decode_tok_s"])
     print(f"fastest mode: {best['mode']}, {best['decode_tok_s']:.1f} tokens/s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        from .machine import cpu_info
+
+        Path(args.json).write_text(json.dumps({"machine": machine(), "cpu": cpu_info(), "rows": rows}, indent=2))
     return 0
 
 

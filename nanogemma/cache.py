@@ -31,6 +31,13 @@ min(T, W) keys. Prompts longer than W therefore work in any chunk size, and memo
 current column without recompiling. In `static` mode global layers attend over all max_len slots (fixed
 shapes for torch.compile / CUDA graphs, empty slots masked); otherwise over the filled prefix only, which is
 what eager CPU decoding wants.
+
+**Taking tokens back** (speculative decoding's rejected drafts, `KVCache.rollback`). A decode step on a
+sliding layer overwrites the oldest key of the ring; with `spare = n` the cache first copies that entry into
+a small undo log of n entries, so the last n decode steps can be undone exactly. The ring itself keeps W
+slots whatever `spare` is: with extra ring slots instead, the same keys would sit in other slots after the
+first wrap, attention would sum them in another order, and a speculative run would part from plain decoding
+in the last bits of float32 (and, through int8's rounding of activations, in whole tokens).
 """
 
 from __future__ import annotations
@@ -64,18 +71,25 @@ class _Cursor:
         # Eager decoding: every sliding layer (and every global one) holds the same positions, so one mask
         # per layer type serves the whole step. Cleared when the cursor advances.
         self.masks: dict[int | None, Tensor] = {}
+        self.undoable = 0  # trailing decode steps whose overwritten ring entries are in the undo logs
 
 
 class LayerCache(nn.Module):
     """Keys/values of one layer. `window=None`: a global layer (slot = column); else a W-slot ring."""
 
     def __init__(self, cursor: _Cursor, batch: int, kv_heads: int, head_dim: int, slots: int,
-                 window: int | None, static: bool, dtype: torch.dtype, device: torch.device):
+                 window: int | None, static: bool, dtype: torch.dtype, device: torch.device, spare: int = 0):
         super().__init__()
         self.cursor, self.window, self.static, self.slots = cursor, window, static, slots
         self.register_buffer("k", torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device))
         self.register_buffer("pos", torch.full((batch, slots), -1, dtype=torch.long, device=device))
+        # The undo log (sliding layers only: a global layer's slot is its column, nothing is overwritten).
+        self.spare = spare if window is not None else 0
+        if self.spare:
+            self.register_buffer("old_k", torch.zeros(batch, kv_heads, self.spare, head_dim, dtype=dtype, device=device))
+            self.register_buffer("old_v", torch.zeros(batch, kv_heads, self.spare, head_dim, dtype=dtype, device=device))
+            self.register_buffer("old_pos", torch.full((batch, self.spare), -1, dtype=torch.long, device=device))
 
     def reset(self) -> None:
         self.pos.fill_(-1)  # an empty slot is one with a negative position; stale k/v are then never seen
@@ -89,6 +103,11 @@ class LayerCache(nn.Module):
     def _decode(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         col = self.cursor.col
         slot = col if self.window is None else col % self.slots
+        if self.spare:  # keep what this step overwrites, so that `undo` can put it back
+            entry = col % self.spare
+            self.old_k.index_copy_(2, entry, self.k.index_select(2, slot))
+            self.old_v.index_copy_(2, entry, self.v.index_select(2, slot))
+            self.old_pos.index_copy_(1, entry, self.pos.index_select(1, slot))
         self.k.index_copy_(2, slot, k)
         self.v.index_copy_(2, slot, v)
         self.pos.index_copy_(1, slot, pos)
@@ -103,6 +122,20 @@ class LayerCache(nn.Module):
         if mask is None:
             mask = self.cursor.masks[self.window] = attention_mask(pos, kpos, self.window)
         return keys, values, mask
+
+    def undo(self, cols: Tensor) -> None:
+        """Forget the decode steps at columns `cols` (the latest ones, newest first, each logged by `_decode`)."""
+        if self.window is None:
+            self.pos.index_fill_(1, cols, -1)
+            return
+        # Newest first, one column at a time when two of them share a ring slot (more columns than W):
+        # the older column's log then holds the entry that was there before both.
+        groups = [cols] if len(cols) <= self.slots else list(cols.split(1))
+        for group in groups:
+            slots, entries = group % self.slots, group % self.spare
+            self.k.index_copy_(2, slots, self.old_k.index_select(2, entries))
+            self.v.index_copy_(2, slots, self.old_v.index_select(2, entries))
+            self.pos.index_copy_(1, slots, self.old_pos.index_select(1, entries))
 
     def _chunk(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         start, T = self.cursor.length, k.shape[2]
@@ -137,12 +170,11 @@ class KVCache(nn.Module):
         device = torch.device(device)
         self.batch, self.max_len, self.static = batch, max_len, static
         self.cursor = _Cursor(device)
-        # `spare` extra ring slots let the last `spare` columns be taken back (`rollback`): the keys they
-        # overwrote are then still in the ring. The masks work from positions, so a longer ring is harmless.
+        # `spare`: how many of the latest decode steps can be taken back (`rollback`); see the undo log above.
         self.layers = nn.ModuleList(
             LayerCache(self.cursor, batch, cfg.num_kv_heads, cfg.head_dim,
-                       max_len if t == GLOBAL else min(cfg.sliding_window + spare, max_len),
-                       None if t == GLOBAL else cfg.sliding_window, static, dtype, device)
+                       max_len if t == GLOBAL else min(cfg.sliding_window, max_len),
+                       None if t == GLOBAL else cfg.sliding_window, static, dtype, device, spare)
             for t in cfg.layer_types
         )
         self.spare = spare
@@ -165,21 +197,26 @@ class KVCache(nn.Module):
                                  f"{n} more do not fit; start a new session (or allow a longer context)")
 
     def advance(self, n: int) -> None:
+        # One column is a decode step (a one-token call takes `_decode`, which logs what it overwrites);
+        # a chunk logs nothing, so what came before it can no longer be taken back.
+        self.cursor.undoable = min(self.spare, self.cursor.undoable + 1) if n == 1 else 0
         self.cursor.length += n
         self.cursor.col.add_(n)
         self.cursor.masks.clear()
 
     @torch.inference_mode()
     def rollback(self, n: int) -> None:
-        """Forget the last `n` columns, as if they had never been fed (speculative decoding's rejected drafts)."""
-        if n > self.spare or n > self.length:
+        """Forget the last `n` decode steps, as if they had never been fed (speculative decoding's rejected
+        drafts): the cache is then exactly what it was before them."""
+        if n > self.cursor.undoable:
             raise NanogemmaError(f"cannot take back {n} columns: the cache keeps {self.spare} spare slots "
-                                 f"and holds {self.length} columns")
+                                 f"and the last {self.cursor.undoable} decode steps can be undone")
         if n == 0:
             return
         cols = torch.arange(self.length - n, self.length, device=self.cursor.col.device)
         for layer in self.layers:
-            layer.pos.index_fill_(1, cols % layer.slots, -1)
+            layer.undo(cols.flip(0))
+        self.cursor.undoable -= n
         self.cursor.length -= n
         self.cursor.col.sub_(n)
         self.cursor.masks.clear()
@@ -187,6 +224,7 @@ class KVCache(nn.Module):
     @torch.inference_mode()  # buffers made or written in inference mode may only be written there
     def reset(self) -> None:
         self.cursor.length = 0
+        self.cursor.undoable = 0
         self.cursor.col.zero_()
         self.cursor.masks.clear()
         for layer in self.layers:
@@ -197,7 +235,7 @@ class KVCache(nn.Module):
         import torch._dynamo
 
         for layer in self.layers:
-            for buf in (layer.k, layer.v, layer.pos):
+            for buf in layer.buffers():
                 torch._dynamo.mark_static_address(buf)
         torch._dynamo.mark_static_address(self.cursor.col)
 

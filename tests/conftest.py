@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"  # test files shipped with the repository (see data/README.md)
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +49,9 @@ def model_and_tok():
 
 @pytest.fixture(scope="session")
 def gpt2_tiktoken_file() -> Path:
-    p = Path(os.environ.get("NANOGEMMA_GPT2_TIKTOKEN", SHARED / "data" / "gpt2.tiktoken"))
-    if not p.is_file():
-        pytest.skip(f"GPT-2 ranks file not found at {p}")
+    """The GPT-2 vocabulary shipped in tests/data (tiktoken cannot download it offline)."""
+    p = DATA / "gpt2.tiktoken"
+    assert p.is_file(), f"{p} is part of the repository; restore it with git checkout"
     return p
 
 

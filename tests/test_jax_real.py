@@ -4,12 +4,12 @@ Figures are printed (run with `-s`) and carried in the assertion messages. The p
 test_parity.py; the long one (934 tokens) runs past the 512-token sliding window, so the sliding layers
 really drop keys, in the full forward, in the chunked prefill and while decoding.
 
-**One ill-conditioned position.** At token 359 of the long prompt, float32 itself cannot do better than
-~5e-3: PyTorch's own float32 logits there are 5.3e-3 from a float64 run of the same model (the error grows
-by four orders of magnitude through blocks 3-7), everywhere else < 1e-3. Two float32 implementations that
-sum in different orders (oneDNN and XLA's matmuls) cannot agree closer than that noise, so the 1e-3 bound
-is checked at every position where PyTorch's float32 is itself within 1e-3 of float64; at the others JAX
-must be about as close to float64 as PyTorch is.
+**Bounds from float64, not from one CPU.** Two float32 implementations that sum in different orders
+(oneDNN and XLA; AVX2 and AVX-512 kernels) cannot agree closer than float32's own error, which on this
+model varies by position (at token 359 of the long prompt PyTorch's float32 is ~5e-3 from float64, the error
+growing through blocks 3-7; elsewhere ~1e-4). A fixed 1e-3 held on one CPU and not on another, so the long
+prompt is checked against a float64 run of the same weights: JAX must be about as close to it as PyTorch's
+float32 is, and where the two pick different tokens, float64 must show those tokens tied within that error.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import TIE_FACTOR, in_float64
 from test_parity import PROMPTS
 
 pytestmark = pytest.mark.slow  # the real 270M model (still part of `make test`)
@@ -72,43 +73,61 @@ def test_logits_match_pytorch(model_and_tok, jax_model, name):
     pos = np.where(np.arange(SHORT_WIDTH) < n, np.arange(SHORT_WIDTH), -1)[None]  # pads: position -1, never seen
     ours = np.asarray(jm(padded, pos))[0, :n]
     diff = float(np.abs(ours - ref).max())
-    print(f"\n[jax parity] {name}: {n} tokens, max |logit diff| vs PyTorch = {diff:.3g}")
-    assert diff <= 1e-3, f"{name} ({n} tokens): max |logit diff| {diff}"
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    with torch.no_grad(), in_float64(model):
+        exact = model(torch.tensor([ids]))[0].numpy()
+    torch_err, jax_err = np.abs(ref - exact).max(-1), np.abs(ours - exact).max(-1)
+    print(f"\n[jax parity] {name}: {n} tokens, max |logit diff| vs PyTorch = {diff:.3g}; against float64: "
+          f"PyTorch {torch_err.max():.3g}, JAX {jax_err.max():.3g}")
+    assert jax_err.max() <= 3 * torch_err.max(), f"{name}: JAX {jax_err.max():.3g} from float64, PyTorch {torch_err.max():.3g}"
+    assert_picks_agree_or_tie(ours.argmax(-1), ref.argmax(-1), exact, jax_err, torch_err, name)
 
 
-def test_long_prompt_logits_match_pytorch_to_float32_noise(model_and_tok, long_run):
+@pytest.fixture(scope="module")
+def exact_long(model_and_tok, long_run) -> dict:
+    """Float64 logits of the same model on the long run, where they are needed: each backend's error there.
+
+    Measured at every 8th position, the last 64 (the greedy steps) and wherever the backends differ most
+    or pick differently, so the float64 head (the costly part) runs on ~200 positions, not ~1,000."""
     model, _ = model_and_tok
     seq, ref, ours = long_run["seq"], long_run["torch"], long_run["jax"]
     diff = np.abs(ours - ref).max(-1)
-    suspect = np.flatnonzero(diff > 1e-3)
-    torch_err = jax_err = np.zeros(0)
-    if 0 < len(suspect) <= 3:
-        # Where the backends disagree by more than 1e-3, measure float32's own error against float64 (causal:
-        # the prefix ending at that position is enough, and only its last logits are needed).
-        try:
-            with torch.no_grad():
-                model.double()
-                exact = np.stack([model(torch.tensor([seq[:p + 1]]), last_only=True)[0, -1].double().numpy()
-                                  for p in suspect])
-        finally:
-            model.float()  # float32 -> float64 -> float32 is exact: the shared model is unchanged
-        torch_err, jax_err = np.abs(ref[suspect] - exact).max(-1), np.abs(ours[suspect] - exact).max(-1)
-    assert len(suspect) <= 3, f"{len(suspect)} positions differ by more than 1e-3 (worst {diff.max():.3g})"
-    sound = np.ones(len(seq), bool)
-    sound[suspect[torch_err > 1e-3]] = False  # positions where float32 itself is off by more than 1e-3
-    print(f"\n[jax parity] long: {len(seq)} tokens, max |logit diff| vs PyTorch = {diff[sound].max():.3g} over the "
-          f"{sound.sum()} well-conditioned positions; overall {diff.max():.3g} at position {int(diff.argmax())}"
-          + "".join(f"; at {p}: PyTorch float32 is {t:.3g} from float64, JAX {j:.3g}"
-                    for p, t, j in zip(suspect, torch_err, jax_err, strict=True)))
+    where = set(range(0, len(seq), 8)) | set(range(len(seq) - GREEDY_TOKENS, len(seq)))
+    where |= set(np.argsort(diff)[-16:].tolist()) | set(np.flatnonzero(ours.argmax(-1) != ref.argmax(-1)).tolist())
+    where = np.array(sorted(where))
+    with torch.no_grad(), in_float64(model):
+        hidden = model.hidden(torch.tensor([seq]))[0, where]
+        exact = torch.cat([model.logits(h) for h in hidden.split(64)]).numpy()
+    return {"where": where, "exact": exact, "diff": diff,
+            "torch_err": np.abs(ref[where] - exact).max(-1), "jax_err": np.abs(ours[where] - exact).max(-1)}
+
+
+def assert_picks_agree_or_tie(picks_a, picks_b, exact, err_a, err_b, what: str) -> None:
+    """Where two float32 runs pick different tokens, float64 must show the two tied within their errors."""
+    for i in np.flatnonzero(np.asarray(picks_a) != np.asarray(picks_b)):
+        gap = abs(exact[i, picks_a[i]] - exact[i, picks_b[i]])
+        noise = max(err_a[i], err_b[i])
+        assert gap <= TIE_FACTOR * noise, (f"{what}: at {i} the picks differ ({picks_a[i]} vs {picks_b[i]}) "
+                                           f"with an exact gap of {gap:.3g}, float32 error {noise:.3g}: not a tie")
+
+
+def test_long_prompt_logits_match_pytorch_to_float32_noise(long_run, exact_long):
+    """JAX's float32 is as close to float64 as PyTorch's float32 is, position by position."""
+    e = exact_long
+    torch_err, jax_err, where = e["torch_err"], e["jax_err"], e["where"]
+    print(f"\n[jax parity] long: {len(long_run['seq'])} tokens, max |JAX - PyTorch| = {e['diff'].max():.3g}; "
+          f"against float64 at {len(where)} positions: PyTorch max {torch_err.max():.3g} (median "
+          f"{np.median(torch_err):.3g}), JAX max {jax_err.max():.3g} (median {np.median(jax_err):.3g})")
     assert len(long_run["prompt"]) > 512 + 32  # past the window
-    assert (~sound).sum() <= 3, "float32 should be ill-conditioned at a handful of positions at most"
-    assert diff[sound].max() <= 1e-3, f"max |logit diff| {diff[sound].max()} at a well-conditioned position"
-    assert (jax_err <= 3 * np.maximum(torch_err, 1e-3)).all(), "JAX far worse than PyTorch's float32 somewhere"
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    # A wrong window, RoPE base or mask would put JAX orders of magnitude above float32's own error; summing
+    # in another order (XLA against oneDNN, one CPU's kernels against another's) only moves it within it.
+    assert np.median(jax_err) <= 3 * np.median(torch_err), "JAX's typical error is far above PyTorch's float32"
+    assert (jax_err <= 3 * np.maximum(torch_err, np.median(torch_err))).all(), \
+        f"JAX far worse than PyTorch's float32 at position {int(where[np.argmax(jax_err / torch_err)])}"
+    picks = long_run["jax"][where].argmax(-1), long_run["torch"][where].argmax(-1)
+    assert_picks_agree_or_tie(*picks, e["exact"], jax_err, torch_err, "argmax")
 
 
-def test_greedy_past_the_window_identical_to_pytorch(model_and_tok, long_run):
+def test_greedy_past_the_window_identical_to_pytorch(model_and_tok, long_run, exact_long):
     """64 greedy tokens after the 934-token prompt (chunked prefill, then decoding over wrapped rings)."""
     tok = model_and_tok[1]
     n, new = len(long_run["prompt"]), long_run["new"]
@@ -116,7 +135,10 @@ def test_greedy_past_the_window_identical_to_pytorch(model_and_tok, long_run):
     matched = sum(a == b for a, b in zip(new, torch_picks, strict=True))
     print(f"\n[jax parity] greedy: {matched}/{GREEDY_TOKENS} tokens identical to PyTorch's picks "
           f"({tok.decode(new[:12])!r}...)")
-    assert len(new) == GREEDY_TOKENS and new == torch_picks, f"greedy tokens: {matched}/{GREEDY_TOKENS} identical"
+    assert len(new) == GREEDY_TOKENS
+    rows = np.searchsorted(exact_long["where"], np.arange(n - 1, n - 1 + GREEDY_TOKENS))  # the last 64 measured
+    e = exact_long
+    assert_picks_agree_or_tie(new, torch_picks, e["exact"][rows], e["jax_err"][rows], e["torch_err"][rows], "greedy")
     assert long_run["jax"][n - 1:].argmax(-1).tolist() == new  # cached decoding = uncached JAX forward
 
 
