@@ -22,6 +22,17 @@ import torch
 # How many times float32's measured error at a step two candidates may be apart and still count as tied:
 # each of the two runs carries up to that error, in either direction, on each of the two logits.
 TIE_FACTOR = 4.0
+# Below this many float32 steps (ulps) of the largest logit, an error is float32 rounding whatever the
+# summation order: two implementations may each sit anywhere under it (an 18-layer network rounds at every
+# product and sum; a wrong mask, window or RoPE base is off by orders of magnitude more).
+FLOAT32_FLOOR_ULPS = 64
+
+
+def float32_floor(exact) -> float:
+    """FLOAT32_FLOOR_ULPS steps of float32 at the largest |logit| of the exact (float64) logits."""
+    import numpy as np
+
+    return float(FLOAT32_FLOOR_ULPS * np.finfo(np.float32).eps * np.abs(np.asarray(exact)).max())
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import TIE_FACTOR, in_float64
+from reference import TIE_FACTOR, float32_floor, in_float64
 from test_parity import PROMPTS
 
 pytestmark = pytest.mark.slow  # the real 270M model (still part of `make test`)
@@ -78,7 +78,8 @@ def test_logits_match_pytorch(model_and_tok, jax_model, name):
     torch_err, jax_err = np.abs(ref - exact).max(-1), np.abs(ours - exact).max(-1)
     print(f"\n[jax parity] {name}: {n} tokens, max |logit diff| vs PyTorch = {diff:.3g}; against float64: "
           f"PyTorch {torch_err.max():.3g}, JAX {jax_err.max():.3g}")
-    assert jax_err.max() <= 3 * torch_err.max(), f"{name}: JAX {jax_err.max():.3g} from float64, PyTorch {torch_err.max():.3g}"
+    bound = 3 * max(float(torch_err.max()), float32_floor(exact))
+    assert jax_err.max() <= bound, f"{name}: JAX {jax_err.max():.3g} from float64, PyTorch {torch_err.max():.3g}"
     assert_picks_agree_or_tie(ours.argmax(-1), ref.argmax(-1), exact, jax_err, torch_err, name)
 
 
@@ -111,7 +112,7 @@ def assert_picks_agree_or_tie(picks_a, picks_b, exact, err_a, err_b, what: str) 
 
 
 def test_long_prompt_logits_match_pytorch_to_float32_noise(long_run, exact_long):
-    """JAX's float32 is as close to float64 as PyTorch's float32 is, position by position."""
+    """JAX's float32 is as close to float64 as PyTorch's float32 is: typically and at worst."""
     e = exact_long
     torch_err, jax_err, where = e["torch_err"], e["jax_err"], e["where"]
     print(f"\n[jax parity] long: {len(long_run['seq'])} tokens, max |JAX - PyTorch| = {e['diff'].max():.3g}; "
@@ -120,9 +121,12 @@ def test_long_prompt_logits_match_pytorch_to_float32_noise(long_run, exact_long)
     assert len(long_run["prompt"]) > 512 + 32  # past the window
     # A wrong window, RoPE base or mask would put JAX orders of magnitude above float32's own error; summing
     # in another order (XLA against oneDNN, one CPU's kernels against another's) only moves it within it.
-    assert np.median(jax_err) <= 3 * np.median(torch_err), "JAX's typical error is far above PyTorch's float32"
-    assert (jax_err <= 3 * np.maximum(torch_err, np.median(torch_err))).all(), \
-        f"JAX far worse than PyTorch's float32 at position {int(where[np.argmax(jax_err / torch_err)])}"
+    floor = float32_floor(e["exact"])
+    assert np.median(jax_err) <= 3 * max(np.median(torch_err), floor), "JAX's typical error is far above float32's"
+    # Per position the two errors are not comparable: float32's error has a heavy tail, and which positions
+    # land in it depends on the rounding (PyTorch's worst is at token 359, JAX's elsewhere). Its size is.
+    assert jax_err.max() <= 3 * max(torch_err.max(), floor), \
+        f"JAX's worst error {jax_err.max():.3g} at position {int(where[np.argmax(jax_err)])}, PyTorch's {torch_err.max():.3g}"
     picks = long_run["jax"][where].argmax(-1), long_run["torch"][where].argmax(-1)
     assert_picks_agree_or_tie(*picks, e["exact"], jax_err, torch_err, "argmax")
 
