@@ -369,9 +369,13 @@ def write_gguf(out: Path, cfg: GemmaConfig, state: dict[str, Any], tok_fields: T
     except OSError as e:
         w.close()
         tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise NanogemmaError(f"the disk filled up while writing {out} (about {_mb(size)} needed); "
-                                 "nothing was left behind: free some space or write it elsewhere") from None
+        full = {errno.ENOSPC: "the disk filled up", errno.EDQUOT: "the disk quota ran out",
+                errno.EFBIG: "the file outgrew the allowed file size"}
+        if e.errno is None:  # numpy's tofile reports a short write without an errno: the device took no more
+            full[None] = "the write stopped short (a full disk or a file-size limit)"
+        if e.errno in full:
+            raise NanogemmaError(f"{full[e.errno]} while writing {out} (about {_mb(size)}); nothing was left "
+                                 "behind: free some space or write it elsewhere") from None
         raise NanogemmaError(f"could not write {out}: {e.strerror or e}") from None
     except BaseException:
         w.close()
@@ -396,4 +400,6 @@ def export_gguf(source: str | Path | None, out: str | Path, kind: str = "f32", o
     except NanogemmaError as e:
         raise NanogemmaError(f"GGUF files carry their tokenizer, and this model's could not be read: {e}") from None
     name = path.stem if path.is_file() else path.name
+    if name in ("best", "last") and (path.parent / "nanogemma.json").is_file():  # a checkpoint inside a run
+        name = f"{path.parent.name}-{name}"
     return write_gguf(out, cfg, state, tokenizer_fields(tok), kind, name=name, overwrite=overwrite)
