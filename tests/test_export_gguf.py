@@ -43,7 +43,7 @@ F32_TOL = 1e-3
 OFFICIAL_F32_TOL = 5e-2
 # Largest |logit difference| llama.cpp (on the file of that type) vs nanogemma float32 (on the original
 # weights), with margin over what was measured on the 270M (docs/TRAINING.md).
-TYPE_BOUNDS = {"f16": 0.5, "bf16": 2.0, "q8_0": 2.0}
+TYPE_BOUNDS = {"f16": 0.15, "bf16": 1.0, "q8_0": 4.0}  # measured 0.037, 0.34, 1.41
 # One thread: ggml's worker threads spin while they wait, which on a small shared CPU costs more than it gains.
 THREADS = 1
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
