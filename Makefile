@@ -4,7 +4,20 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-avx2 cpu lint bench clean
+# llama.cpp itself checks `nanogemma export --to gguf` in the tests, through llama-cpp-python, which compiles
+# llama.cpp (minutes). So its wheel is built once per machine into a cache outside the repository and later
+# venvs install it from there. GGML_NATIVE=OFF with AVX2/FMA/F16C: one wheel that runs on every CPU kind this
+# project meets (AVX2-only Zen 3, AVX-512 Zen 5, Intel with AMX), not one tuned to the CPU that built it.
+LLAMA_CPP_VERSION := 0.3.36
+WHEEL_CACHE ?= $(HOME)/.cache/nanogemma-wheels
+LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx2
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
+LLAMA_INSTALL := $(PY) -m pip install --quiet --no-index --no-deps --find-links $(LLAMA_WHEELS) \
+	llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+.PHONY: demo test test-avx2 cpu lint bench clean llama-cpp
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +29,22 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/nanogemma generate "Once upon a time" --max-new-tokens 48
 
-test: $(STAMP)
+# A cached wheel that installs is used; otherwise (first run, or another Python) it is built, then cached.
+$(LLAMA_STAMP): $(STAMP)
+	@$(LLAMA_INSTALL) 2>/dev/null || { \
+	  command -v c++ >/dev/null || { apt-get update -qq && apt-get install -y -qq g++; }; \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once, into $(LLAMA_WHEELS) (minutes)"; \
+	  tmp=$$(mktemp -d) && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PY) -m pip wheel --quiet --no-deps --no-binary llama-cpp-python -w $$tmp \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	  mkdir -p $(LLAMA_WHEELS) && mv $$tmp/*.whl $(LLAMA_WHEELS)/ && rm -rf $$tmp && \
+	  $(LLAMA_INSTALL); }
+	touch $@
+
+llama-cpp: $(LLAMA_STAMP)
+
+test: $(STAMP) $(LLAMA_STAMP)
 	$(VENV)/bin/ruff check nanogemma tests bench scripts
 	$(PY) -m pytest -q
 
@@ -26,7 +54,7 @@ test: $(STAMP)
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
              XLA_FLAGS=--xla_cpu_max_isa=AVX2
 
-test-avx2: $(STAMP)
+test-avx2: $(STAMP) $(LLAMA_STAMP)
 	$(AVX2_ONLY) $(PY) -m nanogemma.machine
 	$(AVX2_ONLY) $(PY) -m pytest -q
 

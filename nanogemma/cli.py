@@ -382,23 +382,36 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a trained model as a Hugging Face Gemma 3 checkpoint",
+    p = sub.add_parser("export", help="write a model for transformers (--to hf) or llama.cpp / ollama (--to gguf)",
                        description="Export a model (a run folder of `nanogemma train`, RUN_DIR/last, or any "
                                    "model --model accepts) as config.json + model.safetensors + tokenizer "
-                                   "files that transformers loads with from_pretrained.")
+                                   "files that transformers loads with from_pretrained (--to hf), or as one "
+                                   ".gguf file with the tokenizer inside that llama.cpp runs (--to gguf).")
     p.add_argument("source", metavar="RUN_DIR", help="the model to export")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write")
-    p.add_argument("--to", required=True, choices=["hf"], help="output format: hf (Hugging Face transformers)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the written weights (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("out_dir", metavar="OUT", help="the folder (hf) or .gguf file (gguf) to write")
+    p.add_argument("--to", required=True, choices=["hf", "gguf"],
+                   help="output format: hf (Hugging Face transformers) or gguf (llama.cpp, ollama)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="hf: dtype of the written weights (default float32)")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="gguf: type of the weight matrices (default f32; norms always stay f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.to == "gguf":
+        from .export_gguf import export_gguf
+
+        if args.dtype is not None:
+            raise NanogemmaError("--dtype is for --to hf; a GGUF's weights are chosen with --type f32|f16|bf16|q8_0")
+        print(export_gguf(args.source, args.out_dir, args.type or "f32", args.overwrite))
+        return 0
     from .export import export_hf
 
-    print(export_hf(args.source, args.out_dir, args.dtype, args.overwrite))
+    if args.type is not None:
+        raise NanogemmaError("--type is for --to gguf; Hugging Face weights are chosen with --dtype")
+    print(export_hf(args.source, args.out_dir, args.dtype or "float32", args.overwrite))
     return 0
 
 

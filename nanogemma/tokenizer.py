@@ -18,6 +18,10 @@ a while (mostly the GGUF parser). Loading the `tokenizer.json` with `tokenizers`
 cold start's wait for the first token, so later starts encode and decode with the `sentencepiece` library
 instead (`SentencePieceEngine`), which loads the same vocabulary in 0.1 s and gives the same ids; the
 `tokenizers` object is loaded only when something needs it (data preparation, export).
+
+A GGUF may also hold a byte-level BPE (`tokenizer.ggml.model` "gpt2" with GPT-2's pre-tokenizer), which is
+what `nanogemma export --to gguf` writes for models trained on GPT-2 or `bpe:N` data; it is read back here
+with its merges (`_read_gguf_byte_level`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from tokenizers.models import BPE
 
 from .errors import NanogemmaError
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # SentencePiece piece types, as in GGUF
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types, as in GGUF
 _BUILD_VERSION = 3  # bump when the built tokenizer changes, to invalidate caches
 _SPECIAL_NAMES = {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"}
 
@@ -411,11 +415,13 @@ def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any], list[str
 
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise NanogemmaError(f"{path} has no tokenizer inside; pass a tokenizer folder with tokenizer.json")
-    if (model := field("model")) != "llama":
-        raise NanogemmaError(f"{path}: tokenizer type {model!r} is not supported (only SentencePiece 'llama')")
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    pieces = [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data]
-    types = list(field("token_type", [NORMAL] * len(pieces)))
+    model = field("model")
+    if model == "gpt2" and field("pre") == "gpt-2":
+        return _read_gguf_byte_level(path, field)
+    if model != "llama":
+        raise NanogemmaError(f"{path}: tokenizer type {model!r} is not supported (SentencePiece 'llama', "
+                             "or 'gpt2' with GPT-2's pre-tokenizer)")
+    pieces, types = _gguf_tokens(reader, field)
     ids = {k: int(field(name, d)) for k, name, d in (("bos_id", "bos_token_id", 2), ("eos_id", "eos_token_id", 1),
                                                        ("unk_id", "unknown_token_id", 3),
                                                        ("pad_id", "padding_token_id", 0))}
@@ -423,6 +429,45 @@ def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any], list[str
         raise NanogemmaError(f"{path}: tokenizers that prepend a space are not supported (Gemma's does not)")
     backend = _build(pieces, types, unk=pieces[ids["unk_id"]], bos=pieces[ids["bos_id"]])
     return backend, {**ids, "add_bos_token": bool(field("add_bos_token", True))}, pieces, types
+
+
+def _gguf_tokens(reader, field: Callable[..., Any]) -> tuple[list[str], list[int]]:
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    pieces = [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data]
+    return pieces, list(field("token_type", [NORMAL] * len(pieces)))
+
+
+def _read_gguf_byte_level(path: Path, field: Callable[..., Any]) -> tuple[_Backend, dict[str, Any], list[str], list[int]]:
+    """A GGUF 'gpt2' tokenizer (byte-level BPE, GPT-2's pre-tokenizer), as `nanogemma export --to gguf`
+    writes for models trained on GPT-2 or `bpe:N` data: tokens and merges spelled in GPT-2's byte alphabet."""
+    from .weight_files import open_gguf
+
+    reader = open_gguf(path)
+    pieces, types = _gguf_tokens(reader, field)
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise NanogemmaError(f"{path}: its 'gpt2' tokenizer has no merges (tokenizer.ggml.merges)")
+    pairs = [tuple(bytes(merges.parts[i]).decode("utf-8").split(" ", 1)) for i in merges.data]
+    usable = [i for i, t in enumerate(types) if t != UNUSED]  # UNUSED rows only pad to the embedding
+    backend = _Backend(BPE({pieces[i]: i for i in usable}, pairs))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    # Added tokens that are in the vocabulary keep their ids; they are matched whole in raw text.
+    backend.add_special_tokens([AddedToken(pieces[i], normalized=False, special=True)
+                                for i in usable if types[i] in (UNKNOWN, CONTROL)])
+    backend.add_tokens([AddedToken(pieces[i], normalized=False, special=False)
+                        for i in usable if types[i] == USER_DEFINED])
+    if any(backend.token_to_id(pieces[i]) != i for i in usable):
+        raise NanogemmaError(f"{path}: its 'gpt2' tokenizer lists a token twice")
+    eos = int(field("eos_token_id", 0))
+    ids = {"bos_id": int(field("bos_token_id", eos)), "eos_id": eos, "unk_id": int(field("unknown_token_id", eos)),
+           "pad_id": int(field("padding_token_id", eos))}
+    add_bos = bool(field("add_bos_token", False))
+    if add_bos:
+        bos = pieces[ids["bos_id"]]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, ids["bos_id"])])
+    return backend, {**ids, "add_bos_token": add_bos}, pieces, types
 
 
 def _proto(buf: memoryview) -> Iterator[tuple[int, Any]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import GemmaConfig, layer_pattern
+from .config import GLOBAL, SLIDING, GemmaConfig, layer_pattern
 from .errors import NanogemmaError
 
 DEFAULT_MODEL = "gemma3-270m"
@@ -49,6 +49,7 @@ _LAYER_NAMES = [
     ("mlp.down", "ffn_down", "mlp.down_proj"),
 ]
 _TOP_NAMES = [("embed", "token_embd", "embed_tokens"), ("final_norm", "output_norm", "norm")]
+_GGUF_HEAD = ("lm_head.weight", "output.weight")  # present only when the head is not tied to the embedding
 
 
 def cache_dir() -> Path:
@@ -141,7 +142,7 @@ def _open_gguf(path: str, size: int, mtime_ns: int):
                              "re-download or re-convert it") from None
 
 
-def gguf_config(reader, n_vocab: int) -> GemmaConfig:
+def gguf_config(reader, n_vocab: int, tied: bool = True) -> GemmaConfig:
     arch = _gguf_field(reader, "general.architecture")
     if arch != "gemma3":
         raise NanogemmaError(f"this GGUF holds a '{arch}' model; nanogemma loads Gemma 3 (architecture 'gemma3')")
@@ -149,9 +150,19 @@ def gguf_config(reader, n_vocab: int) -> GemmaConfig:
     n_layers, hidden = int(g("block_count")), int(g("embedding_length"))
     n_heads, head_dim = int(g("attention.head_count")), int(g("attention.key_length", 256))
     scaling = g("rope.scaling.type")
+    # llama.cpp's gemma3 reads the layer pattern as one bool per layer (True: sliding window) or as a period
+    # (`period - 1` sliding layers, then a global one); without either it is the architecture's 5:1.
+    pattern = g("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise NanogemmaError(f"gemma3.attention.sliding_window_pattern has {len(pattern)} entries for "
+                                 f"{n_layers} layers")
+        layer_types = tuple(SLIDING if swa else GLOBAL for swa in pattern)
+    else:
+        layer_types = layer_pattern(n_layers, int(pattern))
     # GGUF metadata does not carry query_pre_attn_scalar: 27B uses hidden / heads, the others head_dim
     # (llama.cpp makes the same choice).
-    qpas = hidden // n_heads if n_layers == 62 else head_dim
+    qpas = hidden // n_heads if n_layers == 62 else head_dim  # == gguf_query_pre_attn_scalar
     return GemmaConfig(
         vocab_size=n_vocab,
         hidden_size=hidden,
@@ -165,15 +176,29 @@ def gguf_config(reader, n_vocab: int) -> GemmaConfig:
         # and both round to the same float32 in the norm.
         norm_eps=float(f'{g("attention.layer_norm_rms_epsilon", 1e-6):.7g}'),
         sliding_window=int(g("attention.sliding_window", 512)),
-        layer_types=layer_pattern(n_layers),  # not in the metadata: it is the architecture's definition
+        layer_types=layer_types,
+        rope_local_base=float(g("rope.freq_base_swa", 10_000.0)),  # llama.cpp's default for gemma3, too
         rope_global_base=float(g("rope.freq_base", 1_000_000.0)),
         rope_global_scale=float(g("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
         query_pre_attn_scalar=float(qpas),
+        tie_embeddings=tied,
     )
 
 
+def gguf_query_pre_attn_scalar(cfg: GemmaConfig) -> float:
+    """The attention scale llama.cpp assumes for this shape (GGUF has no key for it): see `gguf_config`."""
+    return float(cfg.hidden_size // cfg.num_heads if cfg.num_layers == 62 else cfg.head_dim)
+
+
+def gguf_stores_offset(gguf_name: str) -> bool:
+    """Whether a GGUF tensor is an RMSNorm weight, which llama.cpp stores as `1 + w` (ours hold `w`)."""
+    return gguf_name == "output_norm.weight" or gguf_name.split(".")[-2] in _GGUF_NORMS
+
+
 def gguf_name_map(num_layers: int) -> dict[str, str]:
+    """GGUF tensor name -> nanogemma name: what the reader and `export_gguf`'s writer both go by."""
     names = {f"{g}.weight": f"{ours}.weight" for ours, g, _ in _TOP_NAMES}
+    names[_GGUF_HEAD[1]] = _GGUF_HEAD[0]
     for i in range(num_layers):
         for ours, g, _ in _LAYER_NAMES:
             names[f"blk.{i}.{g}.weight"] = f"layers.{i}.{ours}.weight"
@@ -191,7 +216,7 @@ def read_gguf_arrays(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise NanogemmaError(f"{path}: GGUF has no 'token_embd.weight' tensor; is it a Gemma 3 language model?")
-    cfg = gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]))
+    cfg = gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]), tied=_GGUF_HEAD[1] not in tensors)
     names = gguf_name_map(cfg.num_layers)
     state = {}
     for name, t in tensors.items():
@@ -204,7 +229,7 @@ def read_gguf_arrays(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
                                  "which the gguf package cannot dequantise") from None
         # F32 tensors come back as read-only views of the memory-mapped file: copy those.
         arr = arr.reshape(tuple(reversed(t.shape.tolist()))).astype(np.float32, copy=not arr.flags.writeable)
-        if name.split(".")[-2] in _GGUF_NORMS or name == "output_norm.weight":
+        if gguf_stores_offset(name):
             arr -= np.float32(1.0)  # llama.cpp stores the (1 + w) norm weight already offset by one
         state[names[name]] = arr
     return cfg, state
