@@ -61,18 +61,14 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every projection and the head (the embedding gives one row)."""
     from torch import nn
 
-    from .quantize import Int8Linear, PackedLinear
+    from .model import TiedHead
 
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if hasattr(m, "weight_bytes"):  # an inference kernel (quantize.py) knows its own size
+            total += m.weight_bytes()
+        elif isinstance(m, nn.Linear | TiedHead):
             total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, PackedLinear):
-            total += m.in_features * m.out_features * 4
-        elif isinstance(m, Int8Linear):
-            total += m.in_features * m.out_features + 4 * m.out_features
-    if model.lm_head is None:
-        total += model.embed.weight.numel() * model.embed.weight.element_size()
     return total
 
 
