@@ -17,7 +17,7 @@ import torch
 
 from nanogemma.data import prepare
 from nanogemma.jax.load import load_params
-from nanogemma.jax.run import train as jax_train
+from nanogemma.jax.loop import train as jax_train
 from nanogemma.train import resolve
 from nanogemma.train import train as torch_train
 

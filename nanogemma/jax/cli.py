@@ -59,7 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..train.config import FIELDS, resolve
-    from .run import train
+    from .loop import train
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = resolve(flags, args.config)

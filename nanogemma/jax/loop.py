@@ -40,7 +40,7 @@ from ..train.monitor import Monitor, train_flops_per_token
 from ..train.schedule import WarmupCosine
 from .load import to_params
 from .model import JaxGemma
-from .train import programs, windows
+from .step import programs, windows
 
 
 def _compute_dtype(name: str) -> Any:
