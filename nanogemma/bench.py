@@ -111,7 +111,7 @@ def worker_nanogemma(spec: dict) -> dict:
     dtype, quant, compiled, speculative = parse_mode(spec["mode"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    from .quantize import load_for_inference
+    from .weights import load_for_inference
 
     t0 = time.perf_counter()
     # What generate and chat run: int8, or else float32 weights prepacked for oneDNN unless compiled.

@@ -273,37 +273,3 @@ def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperatu
     sink = (lambda _row, piece: stream(piece)) if stream else None
     return generate_batch(model, tok, [prompt], max_new_tokens, params, add_bos, stop, sink, compile,
                           prefill_chunk)[0]
-
-
-def run_cli(args, prompts: list[str], params: SamplingParams, stop: list[str]) -> int:
-    """`nanogemma generate`: one prompt streams to stdout; several print as blocks (or JSON lines) when done."""
-    import json
-    import sys
-
-    from .quantize import load_for_inference
-
-    if args.batch_size < 1:
-        raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
-    speculation = (Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens)
-                   if getattr(args, "speculate", False) else None)
-
-    def emit(_row: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    single = len(prompts) == 1 and not args.jsonl
-    for first in range(0, len(prompts), args.batch_size):
-        group = prompts[first:first + args.batch_size]
-        texts = generate_batch(model, tok, group, args.max_new_tokens, params, add_bos=not args.no_bos,
-                               stop=stop, stream=emit if single else None, compile=args.compile,
-                               speculation=speculation)
-        for i, (prompt, text) in enumerate(zip(group, texts, strict=True)):
-            if args.jsonl:
-                print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
-            elif single:
-                sys.stdout.write("\n")
-            else:
-                print(f"=== [{first + i + 1}] {prompt}", flush=True)
-                print(text, end="\n\n", flush=True)
-    return 0

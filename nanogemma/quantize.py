@@ -280,19 +280,3 @@ def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
     _convert(model, lambda w: Int8Linear(w, mode), workers)
     model.lm_head = head
     return model
-
-
-def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
-                       quantize: str | None = None, pack: bool = True):
-    """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
-    and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
-    weights)."""
-    from .weights import load
-
-    def prepare(model: Gemma, go: threading.Event) -> None:
-        if quantize:
-            quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
-        elif pack:
-            pack_model(model, go)
-
-    return load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)

@@ -193,3 +193,19 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
         raise NanogemmaError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings; they do not belong together")
     return model, tok
+
+
+def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
+                       quantize: str | None = None, pack: bool = True):
+    """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
+    and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
+    weights)."""
+    from .quantize import pack_model, quantize_model
+
+    def prepare(model: Gemma, go: threading.Event) -> None:
+        if quantize:
+            quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
+        elif pack:
+            pack_model(model, go)
+
+    return load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)

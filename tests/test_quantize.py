@@ -98,8 +98,7 @@ def test_int8_linear_dequantized_round_trips():
 def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, monkeypatch):  # noqa: F811
     from nanogemma import tokenizer
     from nanogemma.errors import NanogemmaError
-    from nanogemma.quantize import load_for_inference
-    from nanogemma.weights import load
+    from nanogemma.weights import load, load_for_inference
 
     events = []
     real = tokenizer.load_tokenizer
@@ -136,7 +135,7 @@ def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, mon
 
 def test_loading_does_not_import_torch_dynamo(tiny_hf):  # noqa: F811
     """Start-up stays lean: building a model never imports torch._dynamo (a second of every start)."""
-    code = ("import sys; from nanogemma.quantize import load_for_inference; "
+    code = ("import sys; from nanogemma.weights import load_for_inference; "
             f"load_for_inference({str(tiny_hf)!r}); print('torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -225,3 +226,10 @@ def save_run(folder: str | Path, cfg: GemmaConfig, params: Params, meta: dict[st
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / RUN_META)
     return folder
+
+
+def check_device(device: str) -> None:
+    """Refuse --device cuda when JAX sees no GPU (one clear line, not a JAX traceback later)."""
+    if device.startswith("cuda") and jax.default_backend() == "cpu":
+        raise NanogemmaError("--device cuda was asked for, but JAX sees no GPU (install jax[cuda12]); "
+                             "use --device cpu")
