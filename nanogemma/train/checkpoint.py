@@ -34,14 +34,13 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import NanogemmaError
-from .config import TrainConfig, apply, read_toml, to_toml
+from .config import SETTINGS, TrainConfig, to_toml
 
 FORMAT = "nanogemma-run"
 VERSION = 1
 MODEL_META = "nanogemma.json"
 WEIGHTS = "model.safetensors"
 TRAINER = "trainer.pt"
-SETTINGS = "train.toml"
 METRICS = "metrics.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -74,15 +73,6 @@ def _umask() -> int:
 
 def save_settings(run_dir: Path, cfg: TrainConfig) -> None:
     write_text(run_dir / SETTINGS, to_toml(cfg))
-
-
-def saved_config(run_dir: Path) -> TrainConfig:
-    """The settings a run was started with (its train.toml), for --resume."""
-    path = run_dir / SETTINGS
-    if not path.is_file():
-        raise NanogemmaError(f"{run_dir} has no {SETTINGS}: it is not a nanogemma training run; "
-                             "start a new run without --resume")
-    return apply(TrainConfig(), read_toml(path), str(path))
 
 
 def find_checkpoint(run_dir: Path, name: str = "last") -> Path | None:
