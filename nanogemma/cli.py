@@ -239,7 +239,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import run_cli
+    from .tools.bench import run_cli
 
     return run_cli(args)
 
@@ -313,7 +313,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect_model import load_for_inspect, render, report
+    from .tools.inspect_model import load_for_inspect, render, report
 
     if args.context is not None and args.context < 1:
         raise NanogemmaError(f"--context must be at least 1, got {args.context}")
@@ -341,7 +341,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .verify import DEFAULT_PROMPT, verify
+    from .tools.verify import DEFAULT_PROMPT, verify
 
     report = verify(args.model, args.prompt or DEFAULT_PROMPT, args.tokens, getattr(torch, args.dtype),
                     args.device, args.tolerance)
@@ -388,8 +388,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     """LM metrics (--data / --text) and/or judged story quality (--judge-url)."""
     import torch
 
-    from . import judge
-    from .evaluate import dataset_tokens, evaluate_lm, load_model, text_encoder, text_tokens, write_json
+    from .tools import judge
+    from .tools.evaluate import dataset_tokens, evaluate_lm, load_model, text_encoder, text_tokens, write_json
 
     if not (args.data or args.text or args.judge_url):
         raise NanogemmaError("nothing to evaluate: give --data FOLDER or --text FILE... for loss and perplexity, "
@@ -466,7 +466,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .tools.plot import plot_run
 
     print(plot_run(args.run_dir, args.out, args.title))
     return 0
@@ -487,7 +487,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import export_hf
+    from .tools.export import export_hf
 
     print(export_hf(args.source, args.out_dir, args.dtype, args.overwrite))
     return 0

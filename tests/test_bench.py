@@ -6,7 +6,7 @@ import json
 
 from test_generate import cli, tiny_hf  # noqa: F401  (a fixture, shared)
 
-from nanogemma.bench import parse_mode, table
+from nanogemma.tools.bench import parse_mode, table
 
 
 def test_bench_prints_the_table_with_ratios(tiny_hf, tmp_path):  # noqa: F811

@@ -18,7 +18,6 @@ How the package is cut:
 * `distributed`— DDP / FSDP2 under torchrun
 * `monitor`    — progress bar, metrics.jsonl, TensorBoard, MFU
 * `tokenizer_files` — the data's tokenizer in Hugging Face format, so a run folder loads as a model
-* `bench`      — training tokens/s next to transformers' Gemma3ForCausalLM on the same steps
 * `cli`        — the flags of `nanogemma train`, generated from `TrainConfig`
 """
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import NanogemmaError
+from ..errors import NanogemmaError
 
 
 @dataclass
@@ -54,7 +54,7 @@ class LMResult:
 
 def load_model(name_or_path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, path) without the tokenizer: a prepared dataset needs none, and run folders may lack one."""
-    from .weights import build_model, load_state
+    from ..weights import build_model, load_state
 
     if dtype == torch.float16:
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
@@ -68,7 +68,7 @@ def text_encoder(path: Path) -> Callable[[str], list[int]]:
     GGUF files and Hugging Face folders carry one; a training run writes its data's tokenizer into the run
     folder in the Hugging Face format, so the same loader serves all three.
     """
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(path)
@@ -93,7 +93,7 @@ def text_tokens(files: Sequence[str | Path], encode: Callable[[str], list[int]])
 
 def dataset_tokens(folder: str | Path, split: str = "val") -> np.ndarray:
     """A prepared dataset's split, memory-mapped (uint16 or uint32, as its meta.json says)."""
-    from .data import read_tokens
+    from ..data import read_tokens
 
     return read_tokens(folder, split)
 

@@ -21,13 +21,13 @@ import torch
 
 from ..config import GemmaConfig, to_hf_config
 from ..model import Gemma
+from ..train.data import WindowSampler, windows
+from ..train.distributed import World
+from ..train.loss import LanguageModelLoss, TrainingGemma
+from ..train.monitor import peak_flops, train_flops_per_token
+from ..train.schedule import WarmupCosine
+from ..train.step import make_optimizer, train_step
 from ..weights import hf_state_dict
-from .data import WindowSampler, windows
-from .distributed import World
-from .loss import LanguageModelLoss, TrainingGemma
-from .monitor import peak_flops, train_flops_per_token
-from .schedule import WarmupCosine
-from .step import make_optimizer, train_step
 
 
 @dataclass
