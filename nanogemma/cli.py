@@ -7,10 +7,18 @@ calls the library. Errors a user can cause surface as `NanogemmaError` and print
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from .errors import NanogemmaError
+
+
+def _lazy(module: str, name: str):
+    """A command whose whole work is `module.name(args)`, imported when it runs (so --help stays quick)."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+    return run
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -235,13 +243,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every worker (default: PyTorch's choice, one per core)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
-    p.set_defaults(run=_run_bench)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from .tools.bench import run_cli
-
-    return run_cli(args)
+    p.set_defaults(run=_lazy("tools.bench", "run_cli"))
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -446,13 +448,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)  # one flag per training setting, generated from nanogemma.train.TrainConfig
     p.add_argument("--backend", default="torch", choices=["torch", "jax"],
                    help="torch (default) or jax: the same run with a jitted JAX step; checkpoints cross over")
-    p.set_defaults(run=_run_train)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from .train.cli import run
-
-    return run(args)
+    p.set_defaults(run=_lazy("train.cli", "run"))
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .decoding import SamplingParams, stop_ids_for, stream_text
+from .decoding import SamplingParams, check_request, mark_stops, stop_ids_for, stream_text
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler
@@ -156,16 +156,8 @@ class Decoder:
                  compile: bool | str = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_id: int = 0,
                  speculation: Speculation | None = None):
         self.params = (params or SamplingParams()).validate()
-        if max_new_tokens < 0:
-            raise NanogemmaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-        if not prompts:
-            raise NanogemmaError("no prompts to continue")
-        limit = model.config.max_seq_len
-        longest = max(len(p) for p in prompts)
-        if longest >= limit:
-            raise NanogemmaError(f"a prompt has {longest} tokens; the model's context is {limit}: shorten it")
+        self.max_new = check_request(prompts, max_new_tokens, model.config.max_seq_len)
         self.model, self.prompts, self.pad_id = model, [list(p) for p in prompts], pad_id
-        self.max_new = min(max_new_tokens, limit - longest)  # generation ends at the context limit
         self.stop_ids = stop_ids or set()
         self.done = [False] * len(prompts)
         self.compile, self.prefill_chunk = compile, prefill_chunk
@@ -192,11 +184,7 @@ class Decoder:
         logits = session.prefill(self.prompts, self.pad_id)
         for i in range(self.max_new):
             tokens = sampler(logits)
-            out: list[int | None] = []
-            for b, t in enumerate(tokens.tolist()):
-                if not self.done[b] and t in self.stop_ids:
-                    self.done[b] = True
-                out.append(None if self.done[b] else t)
+            out = mark_stops(tokens.tolist(), self.done, self.stop_ids)
             if all(self.done):
                 return
             yield out

@@ -28,6 +28,21 @@ import numpy as np
 from .config import GemmaConfig, layer_pattern
 from .errors import NanogemmaError
 
+
+def check_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], source: str) -> None:
+    """Raise a NanogemmaError unless `state` holds exactly the `expected` tensors, with their shapes (both
+    backends' loaders check with this, so the messages are the same)."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise NanogemmaError(f"{source} has no tensor for parameter '{missing[0]}' ({len(missing)} missing)")
+    unused = [k for k in state if k not in expected]
+    if unused:
+        raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise NanogemmaError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies "
+                                 f"{tuple(shape)}")
+
 DEFAULT_MODEL = "gemma3-270m"
 CACHE_VERSION = 1  # bump when the cached layout or config semantics change
 _GGUF_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")

@@ -27,6 +27,7 @@ from .config import GemmaConfig, from_hf_config
 from .errors import NanogemmaError
 from .model import Gemma
 from .weight_files import (
+    check_tensors,
     hf_state_dict,
     load_gguf_cached,
     ours_from_hf,
@@ -59,18 +60,7 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.d
     """Instantiate without allocating random weights, then assign `state` strictly."""
     with torch.device("meta"), _no_default_init():
         model = Gemma(cfg)
-    expected = dict(model.state_dict())
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise NanogemmaError(f"{source} has no tensor for parameter '{missing[0]}' ({len(missing)} missing)")
-    unused = [k for k in state if k not in expected]
-    if unused:
-        raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
-    for k, p in expected.items():
-        if tuple(state[k].shape) != tuple(p.shape):
-            raise NanogemmaError(
-                f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies {tuple(p.shape)}"
-            )
+    check_tensors({k: tuple(p.shape) for k, p in model.state_dict().items()}, state, source)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.reset_rope()  # the frequency buffers were created on the meta device: compute them for real

@@ -110,6 +110,11 @@ def save_checkpoint(run_dir: Path, name: str, weights: dict[str, torch.Tensor], 
             f.chmod(mode)  # safetensors writes owner-only files; a run folder is shared like any output
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    return _swap_in(tmp, final, old)
+
+
+def _swap_in(tmp: Path, final: Path, old: Path) -> Path:
+    """Publish the complete folder `tmp` as `final`; the previous version stays at `old` until then."""
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -165,9 +170,4 @@ def clone_checkpoint(run_dir: Path, src: str, dst: str, meta_changes: dict[str, 
             _link_or_copy(f, tmp / f.name)
     meta = {**read_model_meta(source), **meta_changes}
     (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _swap_in(tmp, final, old)
