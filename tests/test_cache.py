@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate import one_thread, tiny_model  # noqa: F401  (a fixture, shared)
+from helpers import tiny_model
 
 from nanogemma.cache import KVCache, cache_size
 from nanogemma.config import GLOBAL, get_preset
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Decoder, Session, generate_ids
 from nanogemma.model import Gemma
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 W = 8  # the tiny preset's sliding window
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from test_generate import tiny_hf, tiny_model  # noqa: F401  (a fixture, shared)
+from helpers import tiny_model
 
 from nanogemma.generation import generate_ids
 from nanogemma.model import TiedHead
@@ -95,7 +95,7 @@ def test_int8_linear_dequantized_round_trips():
         assert (lin.dequantized() - w).abs().max() <= w.abs().amax(1).max() / 127  # within one step
 
 
-def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, monkeypatch):  # noqa: F811
+def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, monkeypatch):
     from nanogemma import tokenizer
     from nanogemma.errors import NanogemmaError
     from nanogemma.weights import load, load_for_inference
@@ -133,7 +133,7 @@ def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, mon
     assert getattr(unpacked.layers[1].attn, "wqkv", None) is None
 
 
-def test_loading_does_not_import_torch_dynamo(tiny_hf):  # noqa: F811
+def test_loading_does_not_import_torch_dynamo(tiny_hf):
     """Start-up stays lean: building a model never imports torch._dynamo (a second of every start)."""
     code = ("import sys; from nanogemma.weights import load_for_inference; "
             f"load_for_inference({str(tiny_hf)!r}); print('torch._dynamo' in sys.modules)")

@@ -92,7 +92,3 @@ def update_layer(c: LayerCache, pos: jax.Array, k: jax.Array, v: jax.Array,
     keep = (pos >= 0) & (pos > last - slots)
     c = _write(c, jnp.where(keep, pos % slots, drop), k, v, pos)
     return keys, values, mask, c
-
-
-def cache_nbytes(cache: KVCache) -> int:
-    return sum(x.size * x.dtype.itemsize for layer in cache for x in layer)
