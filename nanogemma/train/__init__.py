@@ -12,7 +12,8 @@ How the package is cut:
 * `data`       — random training windows from the memory-mapped tokens; fixed validation windows
 * `step`       — one optimizer step (autocast, accumulation, unscale, clip, AdamW) and one evaluation
 * `loss`       — the output head fused into the cross-entropy (no N × vocabulary logits), `TrainingGemma`
-* `loop`       — the run: setup, the loop, evaluation, checkpoints, Ctrl-C and NaN handling
+* `loop`       — the run, for both backends: setup, the loop, evaluation, checkpoints, Ctrl-C and NaN
+                 handling (`Loop`), and its PyTorch backend (`Run`); `jax/loop.py` is the JAX backend
 * `build`      — the model (fresh, fine-tuned or resumed), precision and pre-flight checks
 * `checkpoint` — the run folder layout and atomic checkpoint writes
 * `distributed`— DDP / FSDP2 under torchrun
