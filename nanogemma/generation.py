@@ -134,7 +134,7 @@ class Session:
 
 def compile_options(how: bool | str, cuda: bool) -> dict:
     """torch.compile's arguments for the decode step: `how` is True (inductor) or a backend name."""
-    # Guards re-check every parameter of the model before each step (about 1 ms on a CPU); a session keeps
+    # Guards re-check every parameter of the model before each step; a session keeps
     # its modules and tensors for life, so those checks can go. (`options` excludes `mode`, so CUDA graphs
     # are asked for by their inductor option rather than by mode="reduce-overhead".)
     options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

