@@ -11,6 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB
 from .errors import NanogemmaError
 
 
@@ -58,10 +59,11 @@ def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="self-speculative decoding (one prompt at a time): draft tokens with a head over common "
                         "tokens, check several at once with the full head; greedy output is unchanged, "
                         "sampling keeps its distribution (see nanogemma/speculative.py)")
-    p.add_argument("--draft-tokens", type=int, default=6, help="drafts per check with --speculate (default 6)")
-    p.add_argument("--draft-vocab", type=int, default=32_768,
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                   help=f"drafts per check with --speculate (default {DEFAULT_DRAFT_TOKENS})")
+    p.add_argument("--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB,
                    help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
-                        "single characters and the prompt's tokens (default 32768)")
+                        f"single characters and the prompt's tokens (default {DEFAULT_DRAFT_VOCAB})")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, top_k: int | None = None,

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from .errors import NanogemmaError
 
+# Self-speculative decoding's defaults (speculative.py), here so that the CLI's flags need no torch.
+DEFAULT_DRAFT_VOCAB = 32_768
+DEFAULT_DRAFT_TOKENS = 6
+
 
 def mark_stops(tokens: list[int], done: list[bool], stop_ids: set[int]) -> list[int | None]:
     """One step's tokens, None for rows that are done; a row is done from its first stop token (not yielded)."""

@@ -42,13 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decoding import SamplingParams
+from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB, SamplingParams
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler, apply_repetition_penalty, filter_logits
-
-DEFAULT_DRAFT_VOCAB = 32_768
-DEFAULT_DRAFT_TOKENS = 6
 
 
 @dataclass
