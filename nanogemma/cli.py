@@ -1,7 +1,9 @@
 """The `nanogemma` command line. It only parses arguments and calls into the library.
 
 Each sub-command has an `_add_<name>` function that declares its flags and a `_run_<name>` function that
-calls the library. Errors a user can cause surface as `NanogemmaError` and print as one line, exit 1.
+calls the library (or `_lazy(module, name)` where one library call is the whole command). Errors a user can
+cause surface as `NanogemmaError` and print as one line, exit 1. The `_add_` functions are alike in shape
+(`duplicates` pairs some): argparse declarations, kept one per command so each reads on its own.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ DEFAULT_MODEL = "gemma3-270m"
 CACHE_VERSION = 1  # bump when the cached layout or config semantics change
 _GGUF_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")
 
-# Per-layer names: nanogemma <- GGUF <- Hugging Face.
+# Per-layer names: nanogemma <- GGUF <- Hugging Face. (A table: its rows look alike by design.)
 _LAYER_NAMES = [
     ("attn.wq", "attn_q", "self_attn.q_proj"),
     ("attn.wk", "attn_k", "self_attn.k_proj"),
