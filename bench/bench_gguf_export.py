@@ -27,8 +27,8 @@ def main() -> None:
     from llama_cpp import Llama
 
     import nanogemma
-    from nanogemma.export_gguf import export_gguf
     from nanogemma.generation import generate_ids
+    from nanogemma.tools.export_gguf import export_gguf
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)

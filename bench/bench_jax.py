@@ -68,7 +68,7 @@ def main() -> None:
 
     import nanogemma
     import nanogemma.jax
-    from nanogemma.bench import machine, prompt_ids
+    from nanogemma.tools.bench import machine, prompt_ids
 
     print(f"machine: {machine()}; jax {jax.__version__} ({jax.default_backend()})")
     t = time.perf_counter()

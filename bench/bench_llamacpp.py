@@ -6,7 +6,7 @@ llama.cpp is not a dependency of this project: install `llama-cpp-python` in any
 llama.cpp for this CPU) and pass that environment's interpreter. Each round runs every nanogemma mode (in a
 fresh process, as `nanogemma bench` does) and then llama.cpp, on the 128-token bench prompt, 256 greedy
 tokens, stop tokens ignored, both with the same number of threads. Decode tokens/s is measured the same way
-for both: wall time over tokens after the first two (`nanogemma.bench.steady_step`). Alternating the
+for both: wall time over tokens after the first two (`nanogemma.tools.bench.steady_step`). Alternating the
 contenders round by round keeps a shared machine's drift out of the ratios; the medians are printed.
 """
 
@@ -36,8 +36,8 @@ print(json.dumps({"stamps": stamps, "tokens": tokens}))
 def main() -> None:
     import torch
 
-    from nanogemma.bench import machine, prompt_ids, spawn, steady_step
     from nanogemma.tokenizer import load_tokenizer
+    from nanogemma.tools.bench import machine, prompt_ids, spawn, steady_step
     from nanogemma.weight_files import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -26,8 +26,8 @@ def main() -> None:
     import torch
 
     from nanogemma.generation import Decoder
-    from nanogemma.quantize import load_for_inference
     from nanogemma.speculative import Speculation
+    from nanogemma.weights import load_for_inference
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)

@@ -8,7 +8,7 @@ Both models start from the same weights and take the same steps (batches, schedu
 dtype); steps alternate between the two so background load hits both alike; tokens/s comes from the median
 step. The losses of the two runs must agree (the script exits 1 if they differ by more than --tolerance).
 On a GPU the MFU of our step is printed as well (see nanogemma/train/monitor.py for the FLOP count).
-See nanogemma/train/bench.py for the method and docs/BENCHMARKS.md for results.
+See nanogemma/tools/train_bench.py for the method and docs/BENCHMARKS.md for results.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nanogemma.data import read_meta, read_tokens
-from nanogemma.train.bench import run
+from nanogemma.tools.train_bench import run
 from nanogemma.train.config import TrainConfig, model_config, model_shapes
 
 

@@ -239,10 +239,6 @@ class KVCache(nn.Module):
                 torch._dynamo.mark_static_address(buf)
         torch._dynamo.mark_static_address(self.cursor.col)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
 
 @dataclass
 class CacheSize:

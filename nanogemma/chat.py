@@ -164,16 +164,3 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO = sys.s
             print("\n(interrupted)", file=out, flush=True)
             continue
         print("\n", file=out, flush=True)
-
-
-def run_cli(args, params: SamplingParams) -> int:
-    """`nanogemma chat`: load, then the interactive loop."""
-    from .quantize import load_for_inference
-
-    if args.context is not None and args.context < 16:
-        raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
-    speculation = Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens) if args.speculate else None
-    chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
-                context=args.context, compile=args.compile, speculation=speculation)
-    return run_chat(chat)

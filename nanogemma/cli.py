@@ -1,16 +1,27 @@
 """The `nanogemma` command line. It only parses arguments and calls into the library.
 
 Each sub-command has an `_add_<name>` function that declares its flags and a `_run_<name>` function that
-calls the library. Errors a user can cause surface as `NanogemmaError` and print as one line, exit 1.
+calls the library (or `_lazy(module, name)` where one library call is the whole command). Errors a user can
+cause surface as `NanogemmaError` and print as one line, exit 1. The `_add_` functions are alike in shape
+(`duplicates` pairs some): argparse declarations, kept one per command so each reads on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
+from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB
 from .errors import NanogemmaError
+
+
+def _lazy(module: str, name: str):
+    """A command whose whole work is `module.name(args)`, imported when it runs (so --help stays quick)."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+    return run
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -50,10 +61,11 @@ def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="self-speculative decoding (one prompt at a time): draft tokens with a head over common "
                         "tokens, check several at once with the full head; greedy output is unchanged, "
                         "sampling keeps its distribution (see nanogemma/speculative.py)")
-    p.add_argument("--draft-tokens", type=int, default=6, help="drafts per check with --speculate (default 6)")
-    p.add_argument("--draft-vocab", type=int, default=32_768,
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                   help=f"drafts per check with --speculate (default {DEFAULT_DRAFT_TOKENS})")
+    p.add_argument("--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB,
                    help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
-                        "single characters and the prompt's tokens (default 32768)")
+                        f"single characters and the prompt's tokens (default {DEFAULT_DRAFT_VOCAB})")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, top_k: int | None = None,
@@ -78,9 +90,16 @@ def _sampling(args: argparse.Namespace):
 
 
 def _load_for_inference(args: argparse.Namespace):
-    from .quantize import load_for_inference
+    """The model and tokenizer for generate and chat: int8 with --quantize, else packed (not with --compile)."""
+    from .weights import load_for_inference
 
     return load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
+
+
+def _speculation(args: argparse.Namespace, tok):
+    from .speculative import Speculation
+
+    return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens) if args.speculate else None
 
 
 def _unescape(text: str) -> str:
@@ -136,13 +155,48 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    if getattr(args, "backend", "torch") == "jax":
-        from .jax.cli import run_generate
+    """One prompt streams to stdout; several print as blocks (or JSON lines) when their batch is done."""
+    import json
 
-        return run_generate(args)
-    from .generation import run_cli
+    jax = getattr(args, "backend", "torch") == "jax"
+    if jax:  # flags that mean something only to PyTorch are refused, not silently ignored
+        for flag in ("quantize", "speculate"):
+            if getattr(args, flag, None):
+                raise NanogemmaError(f"--{flag} is a PyTorch feature; drop it or use --backend torch")
+    prompts, params, stop = _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop]
+    if args.batch_size < 1:
+        raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if jax:
+        from .jax.generation import generate_batch
+        from .jax.load import check_device, load
 
-    return run_cli(args, _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop])
+        check_device(args.device)
+        model, tok = load(args.model, args.dtype)  # --compile is implied: the JAX path is always jitted
+        extra = {}
+    else:
+        from .generation import generate_batch
+
+        model, tok = _load_for_inference(args)
+        extra = {"compile": args.compile, "speculation": _speculation(args, tok)}
+
+    def emit(_row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    single = len(prompts) == 1 and not args.jsonl
+    for first in range(0, len(prompts), args.batch_size):
+        group = prompts[first:first + args.batch_size]
+        texts = generate_batch(model, tok, group, args.max_new_tokens, params, add_bos=not args.no_bos,
+                               stop=stop, stream=emit if single else None, **extra)
+        for i, (prompt, text) in enumerate(zip(group, texts, strict=True)):
+            if args.jsonl:
+                print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
+            elif single:
+                sys.stdout.write("\n")
+            else:
+                print(f"=== [{first + i + 1}] {prompt}", flush=True)
+                print(text, end="\n\n", flush=True)
+    return 0
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -162,9 +216,15 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from .chat import run_cli
+    from .chat import Chat, run_chat
 
-    return run_cli(args, _sampling(args))
+    params = _sampling(args)
+    if args.context is not None and args.context < 16:
+        raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
+    model, tok = _load_for_inference(args)
+    chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
+                context=args.context, compile=args.compile, speculation=_speculation(args, tok))
+    return run_chat(chat)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -187,13 +247,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every worker (default: PyTorch's choice, one per core)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
-    p.set_defaults(run=_run_bench)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import run_cli
-
-    return run_cli(args)
+    p.set_defaults(run=_lazy("tools.bench", "run_cli"))
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -230,9 +284,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    delimiter = args.delimiter
-    if delimiter and "\\" in delimiter:  # shells pass "\n" as two characters
-        delimiter = delimiter.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    delimiter = _unescape(args.delimiter) if args.delimiter else args.delimiter
     r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
                 text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
                 hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
@@ -267,7 +319,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect_model import load_for_inspect, render, report
+    from .tools.inspect_model import load_for_inspect, render, report
 
     if args.context is not None and args.context < 1:
         raise NanogemmaError(f"--context must be at least 1, got {args.context}")
@@ -295,7 +347,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .verify import DEFAULT_PROMPT, verify
+    from .tools.verify import DEFAULT_PROMPT, verify
 
     report = verify(args.model, args.prompt or DEFAULT_PROMPT, args.tokens, getattr(torch, args.dtype),
                     args.device, args.tolerance)
@@ -339,9 +391,58 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_cli
+    """LM metrics (--data / --text) and/or judged story quality (--judge-url)."""
+    import torch
 
-    return run_cli(args)
+    from .tools import judge
+    from .tools.evaluate import dataset_tokens, evaluate_lm, load_model, text_encoder, text_tokens, write_json
+
+    if not (args.data or args.text or args.judge_url):
+        raise NanogemmaError("nothing to evaluate: give --data FOLDER or --text FILE... for loss and perplexity, "
+                             "or --judge-url URL --judge-model NAME for judged story quality")
+    if args.data and args.text:
+        raise NanogemmaError("give --data or --text, not both")
+    if args.judge_url and not args.judge_model:
+        raise NanogemmaError("--judge-url needs --judge-model (the model name the endpoint should use)")
+    if args.samples < 1 or (args.num_prompts is not None and args.num_prompts < 1):
+        raise NanogemmaError("--samples and --num-prompts must be at least 1")
+    # Check the judge set-up before spending minutes on loading and generating.
+    client = prompts = None
+    if args.judge_url:
+        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env))
+        prompts = judge.read_prompts(args.prompts)[: args.num_prompts]
+    model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    progress = not args.no_progress
+    results: dict = {"model": str(path)}
+    if args.data or args.text:
+        if args.data:
+            tokens, source = dataset_tokens(args.data, args.split), f"{args.data} ({args.split})"
+        else:
+            tokens, source = text_tokens(args.text, text_encoder(path)), ", ".join(args.text)
+        lm = evaluate_lm(model, tokens, args.seq_len, args.batch_size, args.max_tokens, source, progress)
+        print(lm.table())
+        results["lm"] = lm.to_dict()
+    if client is not None:
+        from .tokenizer import load_tokenizer
+
+        gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "seed": args.seed}
+        stories = judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
+                                      args.samples, progress)
+        summary = judge.summarize(stories)
+        if "lm" in results:
+            print()
+        print(judge.summary_table(summary))
+        results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
+                            "prompts": len(prompts), "samples_per_prompt": args.samples,
+                            "summary": summary, "stories": stories}
+    out = args.out or ("eval_judge.json" if client is not None else None)
+    if out:
+        write_json(out, results)
+        print(f"results written to {out}")
+    if client is not None and summary["scored"] == 0:
+        raise NanogemmaError(f"no judge reply could be read as scores; the replies are in {out}")
+    return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -351,17 +452,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)  # one flag per training setting, generated from nanogemma.train.TrainConfig
     p.add_argument("--backend", default="torch", choices=["torch", "jax"],
                    help="torch (default) or jax: the same run with a jitted JAX step; checkpoints cross over")
-    p.set_defaults(run=_run_train)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    if args.backend == "jax":
-        from .jax.cli import run_train
-
-        return run_train(args)
-    from .train.cli import run
-
-    return run(args)
+    p.set_defaults(run=_lazy("train.cli", "run"))
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
@@ -375,7 +466,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .tools.plot import plot_run
 
     print(plot_run(args.run_dir, args.out, args.title))
     return 0
@@ -401,13 +492,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     if args.to == "gguf":
-        from .export_gguf import export_gguf
+        from .tools.export_gguf import export_gguf
 
         if args.dtype is not None:
             raise NanogemmaError("--dtype is for --to hf; a GGUF's weights are chosen with --type f32|f16|bf16|q8_0")
         print(export_gguf(args.source, args.out_dir, args.type or "f32", args.overwrite))
         return 0
-    from .export import export_hf
+    from .tools.export import export_hf
 
     if args.type is not None:
         raise NanogemmaError("--type is for --to gguf; Hugging Face weights are chosen with --dtype")

@@ -12,6 +12,32 @@ from dataclasses import dataclass
 
 from .errors import NanogemmaError
 
+# Self-speculative decoding's defaults (speculative.py), here so that the CLI's flags need no torch.
+DEFAULT_DRAFT_VOCAB = 32_768
+DEFAULT_DRAFT_TOKENS = 6
+
+
+def mark_stops(tokens: list[int], done: list[bool], stop_ids: set[int]) -> list[int | None]:
+    """One step's tokens, None for rows that are done; a row is done from its first stop token (not yielded)."""
+    out: list[int | None] = []
+    for b, t in enumerate(tokens):
+        if not done[b] and t in stop_ids:
+            done[b] = True
+        out.append(None if done[b] else t)
+    return out
+
+
+def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, limit: int) -> int:
+    """Refuse what no decoder can do (both backends' decoders ask here); returns the tokens that fit."""
+    if max_new_tokens < 0:
+        raise NanogemmaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not prompts:
+        raise NanogemmaError("no prompts to continue")
+    longest = max(len(p) for p in prompts)
+    if longest >= limit:
+        raise NanogemmaError(f"a prompt has {longest} tokens; the model's context is {limit}: shorten it")
+    return min(max_new_tokens, limit - longest)  # generation ends at the context limit
+
 # ------------------------------------------------------------------------------------------ sampling
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .decoding import SamplingParams, stop_ids_for, stream_text
+from .decoding import SamplingParams, check_request, mark_stops, stop_ids_for, stream_text
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler
@@ -134,7 +134,7 @@ class Session:
 
 def compile_options(how: bool | str, cuda: bool) -> dict:
     """torch.compile's arguments for the decode step: `how` is True (inductor) or a backend name."""
-    # Guards re-check every parameter of the model before each step (about 1 ms on a CPU); a session keeps
+    # Guards re-check every parameter of the model before each step; a session keeps
     # its modules and tensors for life, so those checks can go. (`options` excludes `mode`, so CUDA graphs
     # are asked for by their inductor option rather than by mode="reduce-overhead".)
     options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -156,16 +156,8 @@ class Decoder:
                  compile: bool | str = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_id: int = 0,
                  speculation: Speculation | None = None):
         self.params = (params or SamplingParams()).validate()
-        if max_new_tokens < 0:
-            raise NanogemmaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-        if not prompts:
-            raise NanogemmaError("no prompts to continue")
-        limit = model.config.max_seq_len
-        longest = max(len(p) for p in prompts)
-        if longest >= limit:
-            raise NanogemmaError(f"a prompt has {longest} tokens; the model's context is {limit}: shorten it")
+        self.max_new = check_request(prompts, max_new_tokens, model.config.max_seq_len)
         self.model, self.prompts, self.pad_id = model, [list(p) for p in prompts], pad_id
-        self.max_new = min(max_new_tokens, limit - longest)  # generation ends at the context limit
         self.stop_ids = stop_ids or set()
         self.done = [False] * len(prompts)
         self.compile, self.prefill_chunk = compile, prefill_chunk
@@ -192,11 +184,7 @@ class Decoder:
         logits = session.prefill(self.prompts, self.pad_id)
         for i in range(self.max_new):
             tokens = sampler(logits)
-            out: list[int | None] = []
-            for b, t in enumerate(tokens.tolist()):
-                if not self.done[b] and t in self.stop_ids:
-                    self.done[b] = True
-                out.append(None if self.done[b] else t)
+            out = mark_stops(tokens.tolist(), self.done, self.stop_ids)
             if all(self.done):
                 return
             yield out
@@ -273,37 +261,3 @@ def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperatu
     sink = (lambda _row, piece: stream(piece)) if stream else None
     return generate_batch(model, tok, [prompt], max_new_tokens, params, add_bos, stop, sink, compile,
                           prefill_chunk)[0]
-
-
-def run_cli(args, prompts: list[str], params: SamplingParams, stop: list[str]) -> int:
-    """`nanogemma generate`: one prompt streams to stdout; several print as blocks (or JSON lines) when done."""
-    import json
-    import sys
-
-    from .quantize import load_for_inference
-
-    if args.batch_size < 1:
-        raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, tok = load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
-    speculation = (Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens)
-                   if getattr(args, "speculate", False) else None)
-
-    def emit(_row: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    single = len(prompts) == 1 and not args.jsonl
-    for first in range(0, len(prompts), args.batch_size):
-        group = prompts[first:first + args.batch_size]
-        texts = generate_batch(model, tok, group, args.max_new_tokens, params, add_bos=not args.no_bos,
-                               stop=stop, stream=emit if single else None, compile=args.compile,
-                               speculation=speculation)
-        for i, (prompt, text) in enumerate(zip(group, texts, strict=True)):
-            if args.jsonl:
-                print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
-            elif single:
-                sys.stdout.write("\n")
-            else:
-                print(f"=== [{first + i + 1}] {prompt}", flush=True)
-                print(text, end="\n\n", flush=True)
-    return 0

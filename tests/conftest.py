@@ -75,3 +75,23 @@ def tiny():
             if "norm" in name:
                 p.normal_(0, 0.2, generator=gen)  # seeded: the fixture must not depend on test order
     return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def one_thread(request):
+    """One torch thread, for the modules that opt in (pytestmark): tiny models gain nothing from a second
+    thread, and on a shared machine lose a lot to waiting for it."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    from helpers import write_tiny_hf
+
+    return write_tiny_hf(tmp_path_factory.mktemp("tiny-hf"))

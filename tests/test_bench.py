@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from test_generate import cli, tiny_hf  # noqa: F401  (a fixture, shared)
+from helpers import cli
 
-from nanogemma.bench import parse_mode, table
+from nanogemma.tools.bench import parse_mode, table
 
 
-def test_bench_prints_the_table_with_ratios(tiny_hf, tmp_path):  # noqa: F811
+def test_bench_prints_the_table_with_ratios(tiny_hf, tmp_path):
     out = tmp_path / "bench.json"
     proc = cli("bench", "--model", str(tiny_hf), "--prompt-tokens", "12", "--new-tokens", "4",
                "--modes", "float32,int8", "--compare", "transformers", "--json", str(out))
@@ -22,7 +22,7 @@ def test_bench_prints_the_table_with_ratios(tiny_hf, tmp_path):  # noqa: F811
     assert all(r["tokens"] == 4 and r["decode_tok_s"] > 0 and r["peak_mb"] > 0 for r in rows)
 
 
-def test_bad_mode_is_a_clean_error(tiny_hf):  # noqa: F811
+def test_bad_mode_is_a_clean_error(tiny_hf):
     proc = cli("bench", "--model", str(tiny_hf), "--modes", "float64")
     assert proc.returncode == 1 and proc.stderr.startswith("nanogemma: error: unknown bench mode 'float64'")
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 from reference import assert_same_greedy
-from test_generate import one_thread, tiny_model  # noqa: F401  (a fixture, shared)
 
 from nanogemma.cache import KVCache, cache_size
 from nanogemma.config import GLOBAL, get_preset
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Decoder, Session, generate_ids
 from nanogemma.model import Gemma
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 W = 8  # the tiny preset's sliding window
 

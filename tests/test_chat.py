@@ -6,13 +6,15 @@ import io
 
 import pytest
 import torch
-from test_generate import cli, one_thread, tiny_hf  # noqa: F401  (fixtures, shared)
+from helpers import cli
 
 from nanogemma.chat import Chat, run_chat
 from nanogemma.config import get_preset
 from nanogemma.decoding import SamplingParams
 from nanogemma.errors import NanogemmaError
 from nanogemma.model import Gemma
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GREEDY = SamplingParams()
 
@@ -99,7 +101,7 @@ def test_end_of_input_exits_and_errors_are_reported(model, tok):
 
 
 @pytest.mark.parametrize("extra", [(), ("--speculate", "--draft-tokens", "3")])
-def test_cli_chat_session(tiny_hf, extra):  # noqa: F811
+def test_cli_chat_session(tiny_hf, extra):
     proc = cli("chat", "--model", str(tiny_hf), "--max-new-tokens", "4", "--system", "Be kind.", *extra,
                stdin="Hello\n/reset\nHi\n/exit\n")
     assert proc.returncode == 0, proc.stderr

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from nanogemma.cli import main
 from nanogemma.config import get_preset
 from nanogemma.errors import NanogemmaError
-from nanogemma.evaluate import evaluate_lm, text_tokens, windows
-from nanogemma.judge import JudgeClient, StoryPrompt, judge_stories, parse_scores
 from nanogemma.model import Gemma
+from nanogemma.tools.evaluate import evaluate_lm, text_tokens, windows
+from nanogemma.tools.judge import JudgeClient, StoryPrompt, judge_stories, parse_scores
 
 SCORES = {"grammar": 8, "creativity": 6, "consistency": 7, "plot": 5}
 MAX_REQUESTS = 50  # the server answers at most this many, then stops by itself

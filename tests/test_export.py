@@ -14,7 +14,7 @@ import torch
 import nanogemma
 from nanogemma import cli
 from nanogemma.data import load_data_tokenizer, prepare
-from nanogemma.export import export_hf
+from nanogemma.tools.export import export_hf
 from nanogemma.train import resolve, train
 from nanogemma.train.tokenizer_files import write
 

@@ -27,8 +27,8 @@ import nanogemma
 from nanogemma import cli
 from nanogemma.data import prepare
 from nanogemma.errors import NanogemmaError
-from nanogemma.export_gguf import GEMMA_CHAT_TEMPLATE, export_gguf
 from nanogemma.generation import generate_ids
+from nanogemma.tools.export_gguf import GEMMA_CHAT_TEMPLATE, export_gguf
 from nanogemma.train import resolve, train
 from nanogemma.weight_files import read_gguf_arrays, release_gguf
 from nanogemma.weights import build_model, load_state
@@ -286,7 +286,7 @@ def test_finetuned_run(untied_run, bpe_data, tmp_path):
 def test_gemma_run_folder_tokenizer_is_written_as_the_gguf_one(model_and_tok, official_f32, tmp_path):
     """A Gemma-tokenized run keeps its tokenizer as tokenizer.json (`Tokenizer.save`); exported, it must give
     the same GGUF tokenizer fields as the official file's, which llama.cpp is checked on above."""
-    from nanogemma.export_gguf import tokenizer_fields
+    from nanogemma.tools.export_gguf import tokenizer_fields
 
     tok = model_and_tok[1]
     tok.save(tmp_path)
@@ -328,7 +328,7 @@ def test_bad_destinations(untied_run, tmp_path, capsys):
 
 
 def test_full_disk_leaves_nothing(untied_run, tmp_path, monkeypatch, capsys):
-    import nanogemma.export_gguf as E
+    import nanogemma.tools.export_gguf as E
 
     out = tmp_path / "m.gguf"
     # Too little space known up front: refused before anything is written.
@@ -348,7 +348,7 @@ def test_full_disk_leaves_nothing(untied_run, tmp_path, monkeypatch, capsys):
 
 
 def test_attention_scale_llama_cpp_cannot_express_is_refused(tiny, tmp_path):
-    from nanogemma.export_gguf import TokenizerFields, write_gguf
+    from nanogemma.tools.export_gguf import TokenizerFields, write_gguf
 
     cfg, state = tiny
     fields = TokenizerFields("gpt2", "gpt-2", ["a"], [1], merges=[])
@@ -359,7 +359,7 @@ def test_attention_scale_llama_cpp_cannot_express_is_refused(tiny, tmp_path):
 
 def test_layer_pattern_and_rope_settings_round_trip(tiny, tmp_path):
     """What the metadata carries comes back: a non-5:1 layer pattern, both RoPE bases, linear scaling."""
-    from nanogemma.export_gguf import TokenizerFields, write_gguf
+    from nanogemma.tools.export_gguf import TokenizerFields, write_gguf
 
     cfg, state = tiny
     cfg = cfg.replace(layer_types=("global", "sliding", "sliding", "global", "sliding", "sliding"),

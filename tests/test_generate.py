@@ -7,32 +7,18 @@ with Gemma's real tokenizer to a Hugging Face folder, so the command runs as a u
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, tiny_model  # tests/ is on sys.path (pytest's rootdir import mode)
 
-from nanogemma.config import get_preset, to_hf_config
 from nanogemma.decoding import SamplingParams, TextStream
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import generate, generate_batch, generate_ids
 from nanogemma.model import Gemma
 from nanogemma.quantize import Int8Linear, quantize_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models gain nothing from a second thread, and on a shared machine lose a lot to waiting for it."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTok:
@@ -47,45 +33,9 @@ class ByteTok:
         return bytes(i - 10 for i in ids if 10 <= i < 266).decode("utf-8", errors="replace")
 
 
-def tiny_model(seed: int = 0, **changes) -> Gemma:
-    model = Gemma(get_preset("tiny").replace(**changes)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
-    return model
-
-
 @pytest.fixture(scope="module")
 def model() -> Gemma:
     return tiny_model()
-
-
-def write_tiny_hf(folder: Path) -> Path:
-    """A random tiny Gemma 3 with the real 262,144-token tokenizer, as a Hugging Face folder."""
-    from safetensors.torch import save_file
-
-    from nanogemma.tokenizer import load_tokenizer
-    from nanogemma.weights import hf_state_dict
-
-    cfg = get_preset("tiny").replace(vocab_size=262_144, max_seq_len=512)
-    m = Gemma(cfg).init_weights(seed=0)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(to_hf_config(cfg)))
-    save_file({k: v.contiguous() for k, v in hf_state_dict(m.state_dict()).items()}, str(folder / "model.safetensors"))
-    load_tokenizer().save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory) -> Path:
-    return write_tiny_hf(tmp_path_factory.mktemp("tiny-hf"))
-
-
-def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanogemma", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # tiny models
 
 
 # ------------------------------------------------------------------------------------------ TextStream

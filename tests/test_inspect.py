@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanogemma.cli import main
 from nanogemma.config import GLOBAL, SLIDING, get_preset
-from nanogemma.inspect_model import flops_per_token, kv_cache, param_breakdown, report
 from nanogemma.model import Gemma, causal_mask
+from nanogemma.tools.inspect_model import flops_per_token, kv_cache, param_breakdown, report
 
 
 def test_tiny_breakdown_sums_to_the_models_parameters():

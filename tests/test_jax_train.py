@@ -17,7 +17,7 @@ import torch
 
 from nanogemma.data import prepare
 from nanogemma.jax.load import load_params
-from nanogemma.jax.run import train as jax_train
+from nanogemma.jax.loop import train as jax_train
 from nanogemma.train import resolve
 from nanogemma.train import train as torch_train
 
@@ -121,3 +121,16 @@ def test_cli_backend_jax(data, tmp_path, capsys):
     assert [r["prompt"] for r in rows] == ["Once upon a time", "The cat"]
     assert main(["generate", "--backend", "jax", "--model", str(out), "--quantize", "int8", "x"]) == 1
     assert "nanogemma: error: --quantize is a PyTorch feature" in capsys.readouterr().err
+
+
+def test_gemma_tokenized_data_gives_both_loops_the_same_windows(gguf_path, tmp_path):
+    """On Gemma-tokenized data every training window starts with <bos> and validation windows start at a
+    document's <bos>, in both backends (the JAX loop once passed the end-of-text id and no <bos>)."""
+    data = tmp_path / "data"
+    prepare("synthetic:60", data, tokenizer="gemma", workers=1, val_fraction=0.2)
+    flags = dict(max_steps=2, warmup_steps=1, grad_accum=1, batch_size=2, seq_len=16)
+    t = torch_train(settings(data, tmp_path / "torch", **flags))
+    j = jax_train(settings(data, tmp_path / "jax", **flags))
+    assert len(t.losses) == len(j.losses) == 2
+    assert float(np.abs(np.array(t.losses) - np.array(j.losses)).max()) <= 1e-4
+    assert abs(t.val_loss - j.val_loss) <= 1e-4

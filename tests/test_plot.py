@@ -8,7 +8,7 @@ import pytest
 
 from nanogemma import cli
 from nanogemma.errors import NanogemmaError
-from nanogemma.plot import plot_run
+from nanogemma.tools.plot import plot_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

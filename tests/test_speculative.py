@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 from reference import assert_same_greedy
-from test_generate import one_thread, tiny_model  # noqa: F401  (a fixture, shared)
 
 from nanogemma.decoding import SamplingParams, stop_ids_for
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Decoder, generate
 from nanogemma.model import Gemma
 from nanogemma.speculative import Speculation, accept_or_resample, common_token_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import nanogemma.train.loss as loss_mod
-from nanogemma.train.bench import hf_loss, hf_model, run
+from nanogemma.tools.train_bench import hf_loss, hf_model, run
 from nanogemma.train.config import TrainConfig, model_config
 from nanogemma.train.loss import LanguageModelLoss, TrainingGemma, fused_linear_cross_entropy
 from nanogemma.weights import hf_state_dict

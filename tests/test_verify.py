@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanogemma import verify as verify_mod
 from nanogemma.cli import main
 from nanogemma.config import get_preset, to_hf_config
 from nanogemma.model import Gemma
-from nanogemma.verify import Report, Row, compare, site_names
+from nanogemma.tools import verify as verify_mod
+from nanogemma.tools.verify import Report, Row, compare, site_names
 from nanogemma.weights import hf_state_dict
 
 

@@ -6,6 +6,9 @@ documents depend only on the chunk, so the output is the same whatever the numbe
 
 Invalid UTF-8 never stops a run: each invalid byte sequence becomes U+FFFD, and the bytes are counted so
 that the pipeline can report them.
+
+The readers below share a shape on purpose (`duplicates` pairs them): each format's values come from its
+own library and need their own checks, and a common helper would hide which check belongs to which format.
 """
 
 from __future__ import annotations

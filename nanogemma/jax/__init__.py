@@ -11,7 +11,8 @@ Modules, each the twin of a PyTorch one:
 * `cache`    — a static KV cache (W-slot rings on sliding layers), a value passed into and out of jitted steps;
 * `load`     — GGUF / Hugging Face / run folders into JAX arrays via numpy, strictly; run folders out;
 * `generation` — jitted prefill and decode, greedy / temperature / top-k / top-p, compiled once per shape;
-* `train`    — a jitted optax training step (AdamW, warmup + cosine, accumulation, clipping).
+* `step`     — a jitted optax training step (AdamW, warmup + cosine, accumulation, clipping) and evaluation;
+* `loop`     — `nanogemma train --backend jax`: the shared training loop (`train.loop`) with the JAX step.
 
 Everything a user can get wrong raises `nanogemma.NanogemmaError`, as in the PyTorch package.
 """

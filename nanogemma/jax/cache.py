@@ -61,14 +61,22 @@ def _write(c: LayerCache, slots: jax.Array, k: jax.Array, v: jax.Array, pos: jax
                       c.pos.at[rows, slots].set(pos, mode="drop"))
 
 
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """The one mask rule, of the cached and the uncached model: boolean (B, Tq, Tk), True = may attend: causal, within `window` keys if given, never a negative
+    (empty or pad) key position. q_pos (B, Tq), k_pos (B, Tk); positions are absolute."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed &= k > q - window  # i - W < j <= i: the query itself plus W - 1 earlier keys
+    return allowed
+
+
 def update_layer(c: LayerCache, pos: jax.Array, k: jax.Array, v: jax.Array,
                  window: int | None) -> tuple[jax.Array, jax.Array, jax.Array, LayerCache]:
     """Store keys/values (B, T, KV, D) at positions `pos` (B, T); return (keys, values, mask, new cache).
 
     `mask` (B, T, S) is what the T queries may attend to among the returned S keys.
     """
-    from .model import causal_mask  # the one mask rule, shared with the uncached model
-
     slots = c.pos.shape[1]
     drop = slots  # any index >= slots is discarded by the scatter
     if window is None:
@@ -84,7 +92,3 @@ def update_layer(c: LayerCache, pos: jax.Array, k: jax.Array, v: jax.Array,
     keep = (pos >= 0) & (pos > last - slots)
     c = _write(c, jnp.where(keep, pos % slots, drop), k, v, pos)
     return keys, values, mask, c
-
-
-def cache_nbytes(cache: KVCache) -> int:
-    return sum(x.size * x.dtype.itemsize for layer in cache for x in layer)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GemmaConfig
-from ..decoding import SamplingParams, stop_ids_for, stream_text
+from ..decoding import SamplingParams, check_request, mark_stops, stop_ids_for, stream_text
 from ..errors import NanogemmaError
 from .cache import KVCache, init_cache
 from .model import JaxGemma, config_key, forward_cached
@@ -206,16 +206,8 @@ class Decoder:
                  params: SamplingParams | None = None, stop_ids: set[int] | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_id: int = 0):
         self.params = (params or SamplingParams()).validate()
-        if max_new_tokens < 0:
-            raise NanogemmaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-        if not prompts:
-            raise NanogemmaError("no prompts to continue")
-        limit = model.config.max_seq_len
-        longest = max(len(p) for p in prompts)
-        if longest >= limit:
-            raise NanogemmaError(f"a prompt has {longest} tokens; the model's context is {limit}: shorten it")
+        self.max_new = check_request(prompts, max_new_tokens, model.config.max_seq_len)
         self.model, self.prompts, self.pad_id = model, [list(p) for p in prompts], pad_id
-        self.max_new = min(max_new_tokens, limit - longest)
         self.stop_ids = stop_ids or set()
         self.done = [False] * len(prompts)
         self.prefill_chunk = prefill_chunk
@@ -236,11 +228,7 @@ class Decoder:
             last = i == self.max_new - 1
             if not last:
                 logits = session.step(tokens)  # dispatched now; runs while the host reads `tokens`
-            out: list[int | None] = []
-            for b, t in enumerate(np.asarray(tokens).tolist()):
-                if not self.done[b] and t in self.stop_ids:
-                    self.done[b] = True
-                out.append(None if self.done[b] else t)
+            out = mark_stops(np.asarray(tokens).tolist(), self.done, self.stop_ids)
             if all(self.done):
                 return
             yield out

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -54,16 +55,7 @@ def _dtype(dtype: str | Any) -> Any:
 
 def check_state(cfg: GemmaConfig, state: dict[str, Any], source: str = "checkpoint") -> None:
     """Raise a NanogemmaError unless `state` holds exactly the parameters `cfg` implies, with their shapes."""
-    expected = param_shapes(cfg)
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise NanogemmaError(f"{source} has no tensor for parameter '{missing[0]}' ({len(missing)} missing)")
-    unused = [k for k in state if k not in expected]
-    if unused:
-        raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise NanogemmaError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies {shape}")
+    W.check_tensors(param_shapes(cfg), state, source)
 
 
 def to_params(cfg: GemmaConfig, state: dict[str, Any], dtype: str | Any = "float32",
@@ -225,3 +217,10 @@ def save_run(folder: str | Path, cfg: GemmaConfig, params: Params, meta: dict[st
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / RUN_META)
     return folder
+
+
+def check_device(device: str) -> None:
+    """Refuse --device cuda when JAX sees no GPU (one clear line, not a JAX traceback later)."""
+    if device.startswith("cuda") and jax.default_backend() == "cpu":
+        raise NanogemmaError("--device cuda was asked for, but JAX sees no GPU (install jax[cuda12]); "
+                             "use --device cpu")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GLOBAL, SLIDING, GemmaConfig
-from .cache import KVCache, LayerCache, update_layer
+from .cache import KVCache, LayerCache, causal_mask, update_layer
 
 Params = dict[str, jax.Array]
 
@@ -118,16 +118,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate pairs (x[i], x[i + D/2]): the "rotate half" layout of HF checkpoints."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate((-x2, x1), axis=-1) * sin
-
-
-def causal_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """Boolean (B, Tq, Tk), True = may attend: causal, within `window` keys if given, never a negative
-    (empty or pad) key position. q_pos (B, Tq), k_pos (B, Tk); positions are absolute."""
-    q, k = q_pos[:, :, None], k_pos[:, None, :]
-    allowed = (k <= q) & (k >= 0)
-    if window is not None:
-        allowed &= k > q - window  # i - W < j <= i: the query itself plus W - 1 earlier keys
-    return allowed
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:

@@ -12,13 +12,13 @@ How the package is cut:
 * `data`       — random training windows from the memory-mapped tokens; fixed validation windows
 * `step`       — one optimizer step (autocast, accumulation, unscale, clip, AdamW) and one evaluation
 * `loss`       — the output head fused into the cross-entropy (no N × vocabulary logits), `TrainingGemma`
-* `loop`       — the run: setup, the loop, evaluation, checkpoints, Ctrl-C and NaN handling
+* `loop`       — the run, for both backends: setup, the loop, evaluation, checkpoints, Ctrl-C and NaN
+                 handling (`Loop`), and its PyTorch backend (`Run`); `jax/loop.py` is the JAX backend
 * `build`      — the model (fresh, fine-tuned or resumed), precision and pre-flight checks
 * `checkpoint` — the run folder layout and atomic checkpoint writes
 * `distributed`— DDP / FSDP2 under torchrun
 * `monitor`    — progress bar, metrics.jsonl, TensorBoard, MFU
 * `tokenizer_files` — the data's tokenizer in Hugging Face format, so a run folder loads as a model
-* `bench`      — training tokens/s next to transformers' Gemma3ForCausalLM on the same steps
 * `cli`        — the flags of `nanogemma train`, generated from `TrainConfig`
 """
 
@@ -28,7 +28,7 @@ __all__ = ["PRESETS_TRAIN", "TrainConfig", "TrainResult", "resolve", "train"]
 
 
 def __getattr__(name: str):
-    # The loop pulls in torch.distributed (~1 s): loaded on first use, so `nanogemma --help` stays quick.
+    # The loop pulls in torch.distributed (slow to import): loaded on first use, so `nanogemma --help` stays quick.
     if name in ("train", "TrainResult"):
         from . import loop
 

@@ -34,14 +34,13 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import NanogemmaError
-from .config import TrainConfig, apply, read_toml, to_toml
+from .config import SETTINGS, TrainConfig, to_toml
 
 FORMAT = "nanogemma-run"
 VERSION = 1
 MODEL_META = "nanogemma.json"
 WEIGHTS = "model.safetensors"
 TRAINER = "trainer.pt"
-SETTINGS = "train.toml"
 METRICS = "metrics.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -74,15 +73,6 @@ def _umask() -> int:
 
 def save_settings(run_dir: Path, cfg: TrainConfig) -> None:
     write_text(run_dir / SETTINGS, to_toml(cfg))
-
-
-def saved_config(run_dir: Path) -> TrainConfig:
-    """The settings a run was started with (its train.toml), for --resume."""
-    path = run_dir / SETTINGS
-    if not path.is_file():
-        raise NanogemmaError(f"{run_dir} has no {SETTINGS}: it is not a nanogemma training run; "
-                             "start a new run without --resume")
-    return apply(TrainConfig(), read_toml(path), str(path))
 
 
 def find_checkpoint(run_dir: Path, name: str = "last") -> Path | None:
@@ -120,6 +110,11 @@ def save_checkpoint(run_dir: Path, name: str, weights: dict[str, torch.Tensor], 
             f.chmod(mode)  # safetensors writes owner-only files; a run folder is shared like any output
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    return _swap_in(tmp, final, old)
+
+
+def _swap_in(tmp: Path, final: Path, old: Path) -> Path:
+    """Publish the complete folder `tmp` as `final`; the previous version stays at `old` until then."""
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -175,9 +170,4 @@ def clone_checkpoint(run_dir: Path, src: str, dst: str, meta_changes: dict[str, 
             _link_or_copy(f, tmp / f.name)
     meta = {**read_model_meta(source), **meta_changes}
     (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _swap_in(tmp, final, old)

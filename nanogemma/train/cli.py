@@ -45,22 +45,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`nanogemma train [--backend jax]`: resolve the settings, run the loop, say where the model is."""
     from .config import resolve
-    from .loop import train
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = resolve(flags, args.config)
+    jax = getattr(args, "backend", "torch") == "jax"
+    if jax:
+        from ..jax.load import check_device
+        from ..jax.loop import train
+
+        if cfg.device not in ("auto", "cpu"):
+            check_device(cfg.device)
+    else:
+        from .loop import train
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 130 if result.interrupted else 0
     out = result.run_dir
     if result.interrupted:
         print(f"interrupted at step {result.step}: checkpoint written to {out / 'last'}; continue with\n"
-              f"  nanogemma train --out-dir {out} --resume", file=sys.stderr)
+              f"  nanogemma train{' --backend jax' if jax else ''} --out-dir {out} --resume", file=sys.stderr)
         return 130
     val = "" if result.val_loss is None else f", val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})"
+    then = (f"nanogemma generate --model {out} [--backend jax]" if jax else
+            f"nanogemma generate --model {out}; plot: nanogemma plot {out}; "
+            f"export: nanogemma export {out} --to hf OUT_DIR")
     print(f"done: {result.step} steps, {result.tokens:,} tokens{val}, {result.tokens_per_s:,.0f} tokens/s\n"
-          f"model: {out}  (nanogemma generate --model {out}; plot: nanogemma plot {out}; "
-          f"export: nanogemma export {out} --to hf OUT_DIR)")
+          f"model: {out}  ({then})")
     return 0
 

@@ -33,6 +33,7 @@ from ..config import PRESETS, GemmaConfig, get_preset
 from ..errors import NanogemmaError
 
 SCRATCH = "scratch"
+SETTINGS = "train.toml"  # a run folder's resolved settings
 
 
 def _s(help: str, **kw: Any) -> Any:
@@ -268,10 +269,17 @@ def _toml_string(s: str) -> str:
     return f'"{out}"'
 
 
+def saved_config(run_dir: Path) -> TrainConfig:
+    """The settings a run was started with (its train.toml), for --resume."""
+    path = run_dir / SETTINGS
+    if not path.is_file():
+        raise NanogemmaError(f"{run_dir} has no {SETTINGS}: it is not a nanogemma training run; "
+                             "start a new run without --resume")
+    return apply(TrainConfig(), read_toml(path), str(path))
+
+
 def resolve(flags: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
     """The settings of a run from its layers (see the module docstring). `flags`: only those given."""
-    from .checkpoint import saved_config
-
     file = read_toml(config_file) if config_file else {}
     resume = parse_value("resume", flags.get("resume", file.get("resume", False)))
     if resume:

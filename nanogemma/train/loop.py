@@ -17,7 +17,6 @@ last good checkpoint, which is left untouched); or an error (nothing written aft
 
 from __future__ import annotations
 
-import functools
 import math
 import signal
 import threading
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -43,7 +43,7 @@ from .distributed import World, any_flag, barrier, setup, teardown, wrap
 from .loss import LanguageModelLoss
 from .monitor import Monitor, peak_flops, train_flops_per_token
 from .schedule import WarmupCosine
-from .step import evaluate, make_optimizer, train_step
+from .step import EvalResult, StepResult, evaluate, make_optimizer, train_step
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,55 +86,39 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def evaluate_and_checkpoint(run, result: TrainResult) -> None:
-    """After an optimizer step: evaluate every `eval_every` steps and at the end, and write `last` (and
-    `best`) when due. Shared by the PyTorch `Run` and the JAX one, which offer the same
-    `cfg`, `step`, `evaluate()`, `save()` and `save_best()`.
+class Loop:
+    """What every training run does, whichever backend computes its steps: this class is the loop.
+
+    It owns the run folder, the data (training windows drawn from (seed, step), fixed validation windows),
+    the warmup + cosine schedule, the step and token counts, evaluation and checkpoint cadence, `best`,
+    the non-finite stop, the banner and the checkpoint format. A backend subclass (`Run` below for
+    PyTorch, `jax.loop.JaxRun` for JAX) supplies only what differs: `build` (model and optimizer),
+    `train_step`, `evaluate_windows`, `generate`, `checkpoint_state` / `restore_optimizer`, and a few
+    facts for the banner.
     """
-    cfg = run.cfg
-    final = run.step == cfg.max_steps
-    saved = False
-    if final or (cfg.eval_every and run.step % cfg.eval_every == 0):
-        val_loss, best = run.evaluate()
-        result.val_loss = val_loss
-        every = cfg.checkpoint_every
-        if best or final or not every or run.step % every == 0:
-            run.save("last", val_loss)
-            saved = True
-            if best:
-                run.save_best(val_loss)
-    if not saved and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
-        run.save("last")
 
-
-class Run:
-    """The state of one training process. `train()` below is the whole lifecycle."""
+    float16 = False  # the non-finite hint suggests bfloat16 where the run uses float16
+    trainer_extras: dict = {}  # backend-specific keys of trainer.pt
 
     def __init__(self, cfg: TrainConfig, world: World) -> None:
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.out_dir)
         resume_from = build.check_run_dir(self.run_dir, cfg.resume)
         self.data: Dataset = open_dataset(cfg.data, cfg.seq_len)
-        self.dtype = build.resolve_dtype(cfg.dtype, world.device)
+        self.dtype = self.resolve_dtype(cfg.dtype)
         mcfg, state, self.source = build.initial_model(cfg, self.data, resume_from)
         if self.data.vocab_size > mcfg.vocab_size:
             raise NanogemmaError(f"{self.data.folder} has {self.data.vocab_size:,} token ids but the checkpoint's "
                                  f"model knows {mcfg.vocab_size:,}: resume with the run's own data")
         self.mcfg = mcfg
-        self.model = build.make_model(mcfg, state, cfg, world.device)
+        self.build(state)
         del state
-        self.wrapped = wrap(self.model, world, cfg.fsdp)
-        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
-                                        world.device)
-        self.scaler = torch.amp.GradScaler(world.device.type) if self.dtype == torch.float16 else None
         self.schedule = WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         self.sampler = WindowSampler(len(self.data.train), cfg.seq_len, cfg.seed)
-        bos = self.data.bos_id
+        # Gemma-tokenized data: <bos> starts every window, and validation windows start at documents' <bos>.
+        self.bos_id = bos = self.data.bos_id
         self.val_offsets = validation_offsets(self.data.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size,
                                               self.data.eot_id if bos is None else bos)
-        self.windows = functools.partial(windows, bos_id=bos)
         self.step = self.tokens = 0
         self.best_val: float | None = None
         self.last_saved: tuple[int, Path] | None = None
@@ -142,34 +126,61 @@ class Run:
             self._restore(resume_from)
         self.tokens_per_step = world.size * cfg.grad_accum * cfg.batch_size * cfg.seq_len
         self.flops_per_token = train_flops_per_token(mcfg, cfg.seq_len)
-        self.peak = peak_flops(world.device, self.dtype, cfg.peak_tflops)
+        self.peak = self.peak_flops()
+
+    # ------------------------------------------------------------------------- what a backend supplies
+    def resolve_dtype(self, name: str):
+        raise NotImplementedError
+
+    def build(self, state: dict | None) -> None:
+        """The model (from `state`, or freshly initialised when None) and its optimizer."""
+        raise NotImplementedError
+
+    def peak_flops(self) -> float | None:
+        raise NotImplementedError
+
+    def train_step(self, offsets: np.ndarray, lr: float) -> StepResult:
+        """One optimizer step on the windows at `offsets` (grad_accum x batch_size, this process's share)."""
+        raise NotImplementedError
+
+    def evaluate_windows(self) -> EvalResult:
+        raise NotImplementedError
+
+    def generate(self, ids: list[int], stop_ids: set[int]) -> list[int]:
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(weights, optimizer state in torch's format); every process takes part."""
+        raise NotImplementedError
+
+    def restore_optimizer(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def parameter_count(self) -> int:
+        raise NotImplementedError
+
+    def hardware(self) -> str:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _options(self) -> StateDictOptions:
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
     def _restore(self, folder: Path) -> None:
         state = ckpt.load_trainer_state(folder)
         self.schedule.check_resumable(state["schedule"])
         self.sampler.check_resumable(state["sampler"])
-        opts = StateDictOptions(full_state_dict=self.world.distributed)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.restore_optimizer(state)
         build.set_rng_state(state["rng"])
         self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val"]
         self.last_saved = (self.step, folder)
 
     def save(self, name: str = "last", val_loss: float | None = None) -> Path | None:
         """Write checkpoint `name` (every process takes part in gathering; the main one writes)."""
-        weights = get_model_state_dict(self.model, options=self._options())
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        weights, optim = self.checkpoint_state()
         folder = None
         if self.world.main:
             trainer = {"version": ckpt.VERSION, "step": self.step, "tokens": self.tokens, "optimizer": optim,
                        "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(self.step),
-                       "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                       "rng": build.rng_state(), "best_val": self.best_val, "world_size": self.world.size}
+                       "scaler": None, "rng": build.rng_state(), "best_val": self.best_val,
+                       "world_size": self.world.size, **self.trainer_extras}
             meta = ckpt.model_meta(self.mcfg.to_dict(), self.cfg, self.data.describe(), self.step, self.tokens,
                                    val_loss, name)
             folder = ckpt.save_checkpoint(self.run_dir, name, weights, trainer, meta)
@@ -179,27 +190,27 @@ class Run:
         self.last_saved = (self.step, self.run_dir / "last")
         return folder
 
+    def save_best(self, val_loss: float) -> None:
+        """`best` = the `last` just written: hard links, no second write of the weights or optimizer."""
+        if self.world.main:
+            folder = ckpt.clone_checkpoint(self.run_dir, "last", "best", {"checkpoint": "best",
+                                                                           "val_loss": val_loss})
+            ckpt.publish(self.run_dir, folder)
+        barrier(self.world)
+
     # ------------------------------------------------------------------------------------- evaluation
     def sample(self) -> str | None:
         """A short text from the model, the same seed each time, so samples show the model changing."""
         cfg = self.cfg
         if cfg.sample_tokens == 0 or cfg.fsdp:
             return None  # sharded weights: generation would need every process in lockstep
-        from ..generation import generate_ids
-
         tok = self.data.tokenizer
         start = tok.eot_id if tok.bos_id is None else tok.bos_id  # what precedes a document in the data
-        ids = [start] + tok.encode(cfg.sample_prompt)
-        ids = ids[-(self.mcfg.max_seq_len - 1):]
-        new = list(generate_ids(self.model, ids, cfg.sample_tokens, temperature=cfg.sample_temperature,
-                                seed=cfg.seed, stop_ids={tok.eot_id}))
-        self.model.train()
-        return cfg.sample_prompt + tok.decode(new)
+        ids = ([start] + tok.encode(cfg.sample_prompt))[-(self.mcfg.max_seq_len - 1):]
+        return cfg.sample_prompt + tok.decode(self.generate(ids, {tok.eot_id}))
 
     def evaluate(self) -> tuple[float, str | None]:
-        cfg = self.cfg
-        r = evaluate(self.forward, self.data.val, self.val_offsets, cfg.seq_len, cfg.batch_size, self.world,
-                     self.dtype, self.windows)
+        r = self.evaluate_windows()
         text = self.sample() if self.world.main else None
         self.monitor.record("eval", self.step, val_loss=r.loss, val_ppl=r.perplexity, val_acc=r.accuracy,
                             val_tokens=r.tokens, sample=text)
@@ -210,18 +221,34 @@ class Run:
             self.best_val = r.loss
         return r.loss, ("best" if improved else None)
 
+    def evaluate_and_checkpoint(self, result: TrainResult) -> None:
+        """After an optimizer step: evaluate every `eval_every` steps and at the end, and write `last` (and
+        `best`) when due."""
+        cfg = self.cfg
+        final = self.step == cfg.max_steps
+        saved = False
+        if final or (cfg.eval_every and self.step % cfg.eval_every == 0):
+            val_loss, best = self.evaluate()
+            result.val_loss = val_loss
+            every = cfg.checkpoint_every
+            if best or final or not every or self.step % every == 0:
+                self.save("last", val_loss)
+                saved = True
+                if best:
+                    self.save_best(val_loss)
+        if not saved and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save("last")
+
     # ------------------------------------------------------------------------------------------- loop
-    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def offsets(self, step: int) -> np.ndarray:
+        """This process's windows of `step`, as (grad_accum, batch_size) offsets into the training tokens."""
         cfg, w = self.cfg, self.world
         offsets = self.sampler.offsets(step, w.size * cfg.grad_accum * cfg.batch_size)
         offsets = offsets.reshape(w.size * cfg.grad_accum, cfg.batch_size)
-        mine = offsets[w.rank * cfg.grad_accum:(w.rank + 1) * cfg.grad_accum]
-        return [self.windows(self.data.train, row, cfg.seq_len, w.device) for row in mine]
+        return offsets[w.rank * cfg.grad_accum:(w.rank + 1) * cfg.grad_accum]
 
-    def run(self, monitor: Monitor, stop: StopRequest, loss_fn: LossFn | None = None) -> TrainResult:
+    def run(self, monitor: Monitor, stop: StopRequest) -> TrainResult:
         cfg = self.cfg
-        # The head fused into the loss, except under FSDP2, where the head's weight is whole only inside forward.
-        loss_fn = loss_fn or LanguageModelLoss(self.model, fused=not cfg.fsdp)
         self.monitor = monitor
         result = TrainResult(self.run_dir, self.step, self.tokens, best_val_loss=self.best_val)
         window_time, window_tokens = 0.0, 0
@@ -232,10 +259,7 @@ class Run:
                 break
             lr = self.schedule(self.step)
             t0 = time.perf_counter()
-            r = train_step(self.forward, self.params, self.optimizer, self.scaler, self.batches(self.step), lr,
-                           cfg.grad_clip, self.world, self.dtype, loss_fn)
-            if self.world.device.type == "cuda":
-                torch.cuda.synchronize()
+            r = self.train_step(self.offsets(self.step), lr)  # returns once the device is done
             dt = time.perf_counter() - t0
             if not math.isfinite(r.loss):
                 self._stop_non_finite(r.loss, lr)
@@ -252,18 +276,10 @@ class Run:
                 monitor.record("train", self.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=self.tokens,
                                tokens_per_s=tps, mfu=mfu, skipped=r.skipped, time=round(result.seconds, 3))
                 window_time, window_tokens = 0.0, 0
-            evaluate_and_checkpoint(self, result)
+            self.evaluate_and_checkpoint(result)
         result.step, result.tokens, result.best_val_loss = self.step, self.tokens, self.best_val
         result.tokens_per_s = len(result.losses) * self.tokens_per_step / max(result.seconds, 1e-9)
         return result
-
-    def save_best(self, val_loss: float) -> None:
-        """`best` = the `last` just written: hard links, no second write of the weights or optimizer."""
-        if self.world.main:
-            folder = ckpt.clone_checkpoint(self.run_dir, "last", "best", {"checkpoint": "best",
-                                                                           "val_loss": val_loss})
-            ckpt.publish(self.run_dir, folder)
-        barrier(self.world)
 
     def _stop_non_finite(self, loss: float, lr: float) -> None:
         self.monitor.record("stop", self.step + 1, reason=f"loss {loss}", lr=lr)
@@ -274,8 +290,121 @@ class Run:
         raise NanogemmaError(
             f"the training loss became {loss} at step {self.step + 1} (lr {lr:.3g}); the run stopped before "
             f"updating the weights and {where}. Lower --lr or raise --warmup-steps"
-            + (", or use --dtype bfloat16 instead of float16" if self.dtype == torch.float16 else "")
+            + (", or use --dtype bfloat16 instead of float16" if self.float16 else "")
             + ", then restart (or --resume)")
+
+    def banner(self) -> str:
+        c, m = self.cfg, self.mcfg
+        what = f"resuming at step {self.step}" if c.resume else f"weights: {self.source}"
+        return (f"training {self.parameter_count() / 1e6:.2f}M parameters (d={m.hidden_size}, {m.num_layers} "
+                f"layers, vocab {m.vocab_size:,}{', untied head' if not m.tie_embeddings else ''}) on "
+                f"{self.data.folder}, {what}; {self.hardware()}; {self.tokens_per_step:,} tokens per step; "
+                f"writing to {self.run_dir}")
+
+
+def drive(run: Loop) -> TrainResult:
+    """The run folder, the monitor and the banner, then the loop until it stops: the same for both backends."""
+    cfg, world, run_dir = run.cfg, run.world, run.run_dir
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.save_settings(run_dir, cfg)
+        if not (run_dir / "tokenizer.json").is_file():
+            tokenizer_files.write(run_dir, run.data.tokenizer)
+        if cfg.resume:
+            ckpt.trim_metrics(run_dir, run.step)
+    barrier(world)
+    monitor = Monitor(run_dir, world.main, cfg.max_steps, run.step, cfg.progress, cfg.tensorboard)
+    try:
+        logs = "metrics.jsonl" + (" + tensorboard/" if monitor.tb else "")
+        if monitor.tb_missing:
+            logs += " (pip install tensorboard for TensorBoard logs)"
+        monitor.say(f"{run.banner()}; logs: {logs}")
+        with StopRequest(lambda: monitor.say("stopping after this step and saving a checkpoint "
+                                             "(Ctrl-C again to stop at once)")) as stop:
+            return run.run(monitor, stop)
+    finally:
+        monitor.close()
+
+
+class Run(Loop):
+    """The PyTorch backend: DDP / FSDP2 under torchrun, autocast, a gradient scaler for float16."""
+
+    def __init__(self, cfg: TrainConfig, world: World, loss_fn: LossFn | None = None) -> None:
+        self.loss_fn = loss_fn
+        super().__init__(cfg, world)
+
+    def resolve_dtype(self, name: str) -> torch.dtype:
+        dtype = build.resolve_dtype(name, self.world.device)
+        self.float16 = dtype == torch.float16
+        return dtype
+
+    def build(self, state: dict | None) -> None:
+        cfg, world = self.cfg, self.world
+        self.model = build.make_model(self.mcfg, state, cfg, world.device)
+        self.wrapped = wrap(self.model, world, cfg.fsdp)
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                                        world.device)
+        self.scaler = torch.amp.GradScaler(world.device.type) if self.dtype == torch.float16 else None
+        # The head fused into the loss, except under FSDP2, where the head's weight is whole only inside forward.
+        self.loss_fn = self.loss_fn or LanguageModelLoss(self.model, fused=not cfg.fsdp)
+
+    def peak_flops(self) -> float | None:
+        return peak_flops(self.world.device, self.dtype, self.cfg.peak_tflops)
+
+    def windows(self, tokens, offsets, seq_len: int, device: torch.device):
+        return windows(tokens, offsets, seq_len, device, bos_id=self.bos_id)
+
+    def train_step(self, offsets: np.ndarray, lr: float) -> StepResult:
+        cfg, w = self.cfg, self.world
+        batches = [self.windows(self.data.train, row, cfg.seq_len, w.device) for row in offsets]
+        r = train_step(self.forward, self.params, self.optimizer, self.scaler, batches, lr, cfg.grad_clip, w,
+                       self.dtype, self.loss_fn)
+        if w.device.type == "cuda":
+            torch.cuda.synchronize()
+        return r
+
+    def evaluate_windows(self) -> EvalResult:
+        cfg = self.cfg
+        return evaluate(self.forward, self.data.val, self.val_offsets, cfg.seq_len, cfg.batch_size, self.world,
+                        self.dtype, self.windows)
+
+    def generate(self, ids: list[int], stop_ids: set[int]) -> list[int]:
+        from ..generation import generate_ids
+
+        cfg = self.cfg
+        new = list(generate_ids(self.model, ids, cfg.sample_tokens, temperature=cfg.sample_temperature,
+                                seed=cfg.seed, stop_ids=stop_ids))
+        self.model.train()
+        return new
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    @property
+    def trainer_extras(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        weights = get_model_state_dict(self.model, options=self._options())
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        return weights, optim
+
+    def restore_optimizer(self, state: dict) -> None:
+        opts = StateDictOptions(full_state_dict=self.world.distributed)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def hardware(self) -> str:
+        c, w = self.cfg, self.world
+        procs = f", {w.size} processes ({'FSDP2' if c.fsdp else 'DDP'})" if w.distributed else ""
+        return f"{w.device} {str(self.dtype).removeprefix('torch.')}{procs}"
 
 
 def train(cfg: TrainConfig, loss_fn: LossFn | None = None) -> TrainResult:
@@ -286,38 +415,7 @@ def train(cfg: TrainConfig, loss_fn: LossFn | None = None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world = setup(cfg.device)
-    monitor = None
     try:
-        run = Run(cfg, world)
-        run_dir = run.run_dir
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.save_settings(run_dir, cfg)
-            if not (run_dir / "tokenizer.json").is_file():
-                tokenizer_files.write(run_dir, run.data.tokenizer)
-            if cfg.resume:
-                ckpt.trim_metrics(run_dir, run.step)
-        barrier(world)
-        monitor = Monitor(run_dir, world.main, cfg.max_steps, run.step, cfg.progress, cfg.tensorboard)
-        logs = "metrics.jsonl" + (" + tensorboard/" if monitor.tb else "")
-        if monitor.tb_missing:
-            logs += " (pip install tensorboard for TensorBoard logs)"
-        monitor.say(f"{_banner(run)}; logs: {logs}")
-        with StopRequest(lambda: monitor.say("stopping after this step and saving a checkpoint "
-                                             "(Ctrl-C again to stop at once)")) as stop:
-            return run.run(monitor, stop, loss_fn)
+        return drive(Run(cfg, world, loss_fn))
     finally:
-        if monitor is not None:
-            monitor.close()
         teardown(world)
-
-
-def _banner(run: Run) -> str:
-    c, m = run.cfg, run.mcfg
-    what = f"resuming at step {run.step}" if c.resume else f"weights: {run.source}"
-    n = sum(p.numel() for p in run.model.parameters())
-    procs = f", {run.world.size} processes ({'FSDP2' if c.fsdp else 'DDP'})" if run.world.distributed else ""
-    return (f"training {n / 1e6:.2f}M parameters (d={m.hidden_size}, {m.num_layers} layers, vocab {m.vocab_size:,}"
-            f"{', untied head' if not m.tie_embeddings else ''}) on {run.data.folder}, {what}; "
-            f"{run.world.device} {str(run.dtype).removeprefix('torch.')}{procs}; {run.tokens_per_step:,} tokens "
-            f"per step; writing to {run.run_dir}")

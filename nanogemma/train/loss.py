@@ -39,7 +39,7 @@ class TrainingGemma(Gemma):
         return self.final_norm(x) if self.features_only else super().logits(x)
 
     def head_weight(self) -> Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return self.lm_head.weight  # the embedding table when tied
 
     @classmethod
     def from_model(cls, model: Gemma) -> TrainingGemma:

@@ -1,6 +1,6 @@
 """`nanogemma bench`: how fast is generation, per mode, and against transformers.
 
-Every mode runs in a fresh Python process (a *worker*: `python -m nanogemma.bench --worker ...`), so that
+Every mode runs in a fresh Python process (a *worker*: `python -m nanogemma.tools.bench --worker ...`), so that
 peak memory is that mode's alone and the time to first token is what a user waits for: process start,
 imports, loading (the weights cache already built: a warm start), prefill and the first token. The worker
 then measures, on the same prompt:
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import NanogemmaError
+from ..errors import NanogemmaError
 
 MODES = ("float32", "float32-unpacked", "bfloat16", "int8", "int8-wo")
 # A neutral English paragraph, repeated as needed to make the prompt.
@@ -61,18 +61,14 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every projection and the head (the embedding gives one row)."""
     from torch import nn
 
-    from .quantize import Int8Linear, PackedLinear
+    from ..model import TiedHead
 
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if hasattr(m, "weight_bytes"):  # an inference kernel (quantize.py) knows its own size
+            total += m.weight_bytes()
+        elif isinstance(m, nn.Linear | TiedHead):
             total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, PackedLinear):
-            total += m.in_features * m.out_features * 4
-        elif isinstance(m, Int8Linear):
-            total += m.in_features * m.out_features + 4 * m.out_features
-    if model.lm_head is None:
-        total += model.embed.weight.numel() * model.embed.weight.element_size()
     return total
 
 
@@ -109,13 +105,13 @@ def worker_nanogemma(spec: dict) -> dict:
     """Measure one mode in this (fresh) process; `spec['t_spawn']` is when the parent started it."""
     import torch
 
-    from .generation import Decoder, Session
-    from .speculative import Speculation
+    from ..generation import Decoder, Session
+    from ..speculative import Speculation
 
     dtype, quant, compiled, speculative = parse_mode(spec["mode"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    from .quantize import load_for_inference
+    from ..weights import load_for_inference
 
     t0 = time.perf_counter()
     # What generate and chat run: int8, or else float32 weights prepacked for oneDNN unless compiled.
@@ -161,7 +157,7 @@ def worker_transformers(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .weight_files import resolve_model
+    from ..weight_files import resolve_model
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -222,7 +218,7 @@ def worker_transformers(spec: dict) -> dict:
 def spawn(kind: str, spec: dict, timeout: float = 1800) -> dict:
     """Run one worker in a fresh interpreter; returns its result dict."""
     spec = {**spec, "t_spawn": time.time()}
-    proc = subprocess.run([sys.executable, "-m", "nanogemma.bench", "--worker", kind, json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "nanogemma.tools.bench", "--worker", kind, json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -273,7 +269,7 @@ def machine() -> str:
 
     import torch
 
-    from .machine import describe_cpu
+    from ..machine import describe_cpu
 
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{describe_cpu()}, {torch.get_num_threads()} torch threads{gpu}; "
@@ -300,8 +296,8 @@ def _agreement(rows: list[dict]) -> str:
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
-    from .tokenizer import load_tokenizer
-    from .weight_files import resolve_model
+    from ..tokenizer import load_tokenizer
+    from ..weight_files import resolve_model
 
     if args.prompt_tokens < 2 or args.new_tokens < 2:
         raise NanogemmaError("--prompt-tokens and --new-tokens must be at least 2")
@@ -338,7 +334,7 @@ def run_cli(args: argparse.Namespace) -> int:
     best = max((r for r in rows if r["mode"] != "transformers"), key=lambda r: r["decode_tok_s"])
     print(f"fastest mode: {best['mode']}, {best['decode_tok_s']:.1f} tokens/s")
     if args.json:
-        from .machine import cpu_info
+        from ..machine import cpu_info
 
         Path(args.json).write_text(json.dumps({"machine": machine(), "cpu": cpu_info(), "rows": rows}, indent=2))
     return 0
@@ -354,4 +350,4 @@ def _worker_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(_worker_main(sys.argv[1:]))
-    sys.exit("usage: python -m nanogemma.bench --worker KIND SPEC  (use `nanogemma bench` instead)")
+    sys.exit("usage: python -m nanogemma.tools.bench --worker KIND SPEC  (use `nanogemma bench` instead)")

@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import SLIDING, GemmaConfig, layer_pattern
-from .errors import NanogemmaError
+from ..config import SLIDING, GemmaConfig, layer_pattern
+from ..errors import NanogemmaError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "gemma3"
@@ -187,7 +187,7 @@ def _byte_level_fields(tok, spec: dict[str, Any], tokens: list[str], added: dict
 
 def check_runs_in_llama_cpp(cfg: GemmaConfig) -> None:
     """Refuse a shape llama.cpp's gemma3 would run differently from nanogemma (GGUF cannot say it)."""
-    from .weight_files import gguf_query_pre_attn_scalar
+    from ..weight_files import gguf_query_pre_attn_scalar
 
     expected = gguf_query_pre_attn_scalar(cfg)
     if cfg.query_pre_attn_scalar != expected:
@@ -205,7 +205,7 @@ def _pattern(cfg: GemmaConfig) -> list[bool] | None:
 
 def gguf_tensors(cfg: GemmaConfig, state: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in PyTorch's shape, norms already `1 + w`), in the writer's order."""
-    from .weight_files import gguf_name_map, gguf_stores_offset
+    from ..weight_files import gguf_name_map, gguf_stores_offset
 
     names = gguf_name_map(cfg.num_layers)
     unknown = set(state) - set(names.values())
@@ -386,8 +386,8 @@ def write_gguf(out: Path, cfg: GemmaConfig, state: dict[str, Any], tok_fields: T
 
 def export_gguf(source: str | Path | None, out: str | Path, kind: str = "f32", overwrite: bool = False) -> Path:
     """Write the model at `source` (anything `nanogemma.load` reads) as a GGUF file; returns its path."""
-    from .tokenizer import load_tokenizer
-    from .weights import load_state
+    from ..tokenizer import load_tokenizer
+    from ..weights import load_state
 
     if kind not in GGUF_TYPES:
         raise NanogemmaError(f"unknown GGUF type {kind!r}; choose from {', '.join(GGUF_TYPES)}")

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import to_hf_config
-from .errors import NanogemmaError
+from ..config import to_hf_config
+from ..errors import NanogemmaError
 
 FORMATS = ("hf",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -37,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _special_ids(source: Path) -> dict[str, int]:
     """bos / eos / pad ids of the tokenizer stored with the model (Gemma's when there is none)."""
     try:
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         tok = load_tokenizer(source)
         return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
@@ -48,7 +48,7 @@ def _special_ids(source: Path) -> dict[str, int]:
 def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "float32",
               overwrite: bool = False) -> Path:
     """Write a Hugging Face Gemma 3 folder for the model at `source`; returns the folder."""
-    from .weights import hf_state_dict, load_state
+    from ..weights import hf_state_dict, load_state
 
     if dtype not in ("float32", "bfloat16"):
         raise NanogemmaError(f"export dtype must be float32 or bfloat16, got {dtype!r}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import NanogemmaError
+from ..errors import NanogemmaError
 from .inspect_model import format_table
 
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -220,8 +220,8 @@ def load_reference(path: Path, state: dict[str, Tensor], cfg, dtype: torch.dtype
     elif kind == "hf":
         ref = AutoModelForCausalLM.from_pretrained(str(path), **kw)
     else:
-        from .config import to_hf_config
-        from .weights import hf_state_dict
+        from ..config import to_hf_config
+        from ..weights import hf_state_dict
 
         hf_cfg = {k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "torch_dtype")}
         hf_config = transformers.Gemma3TextConfig(**hf_cfg)
@@ -237,8 +237,8 @@ def load_reference(path: Path, state: dict[str, Tensor], cfg, dtype: torch.dtype
 
 def load_pair(name_or_path: str | None, dtype: torch.dtype, device: str):
     """(nanogemma model, text -> ids or None when the checkpoint has no tokenizer, reference model)."""
+    from ..weights import build_model, load_state
     from .evaluate import text_encoder
-    from .weights import build_model, load_state
 
     cfg, state, path = load_state(name_or_path)
     model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import NanogemmaError
+from ..errors import NanogemmaError
 
 
 def _entropy_floor(run_dir: Path) -> float | None:
@@ -27,7 +27,7 @@ def _entropy_floor(run_dir: Path) -> float | None:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
     """Write the loss and learning-rate curves of `run_dir` (default: RUN_DIR/curves.png); returns the path."""
-    from .train.monitor import read_metrics
+    from ..train.monitor import read_metrics
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():

@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .errors import NanogemmaError
+from ..errors import NanogemmaError
 
 CRITERIA = ("grammar", "creativity", "consistency", "plot")
 INSTRUCTION = "instruction_following"
@@ -259,7 +259,7 @@ def judge_stories(generate: Callable[[str, int], str], client: JudgeClient, prom
 def story_generator(model, tok, max_new_tokens: int, temperature: float, top_k: int | None,
                     top_p: float | None, seed: int) -> Callable[[str, int], str]:
     """`generate` with a fresh, reproducible seed for each story (seed, seed + 1, ...)."""
-    from .generation import generate
+    from ..generation import generate
 
     count = itertools.count(seed)
     return lambda text, _k: generate(model, tok, text, max_new_tokens=max_new_tokens, temperature=temperature,

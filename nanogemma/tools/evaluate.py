@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import NanogemmaError
+from ..errors import NanogemmaError
 
 
 @dataclass
@@ -54,7 +54,7 @@ class LMResult:
 
 def load_model(name_or_path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, path) without the tokenizer: a prepared dataset needs none, and run folders may lack one."""
-    from .weights import build_model, load_state
+    from ..weights import build_model, load_state
 
     if dtype == torch.float16:
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
@@ -68,7 +68,7 @@ def text_encoder(path: Path) -> Callable[[str], list[int]]:
     GGUF files and Hugging Face folders carry one; a training run writes its data's tokenizer into the run
     folder in the Hugging Face format, so the same loader serves all three.
     """
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(path)
@@ -93,7 +93,7 @@ def text_tokens(files: Sequence[str | Path], encode: Callable[[str], list[int]])
 
 def dataset_tokens(folder: str | Path, split: str = "val") -> np.ndarray:
     """A prepared dataset's split, memory-mapped (uint16 or uint32, as its meta.json says)."""
-    from .data import read_tokens
+    from ..data import read_tokens
 
     return read_tokens(folder, split)
 
@@ -147,55 +147,3 @@ def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def run_cli(args) -> int:
-    """`nanogemma eval`: LM metrics (--data / --text) and/or judged story quality (--judge-url)."""
-    from . import judge
-
-    if not (args.data or args.text or args.judge_url):
-        raise NanogemmaError("nothing to evaluate: give --data FOLDER or --text FILE... for loss and perplexity, "
-                             "or --judge-url URL --judge-model NAME for judged story quality")
-    if args.data and args.text:
-        raise NanogemmaError("give --data or --text, not both")
-    if args.judge_url and not args.judge_model:
-        raise NanogemmaError("--judge-url needs --judge-model (the model name the endpoint should use)")
-    if args.samples < 1 or (args.num_prompts is not None and args.num_prompts < 1):
-        raise NanogemmaError("--samples and --num-prompts must be at least 1")
-    # Check the judge set-up before spending minutes on loading and generating.
-    client = prompts = None
-    if args.judge_url:
-        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env))
-        prompts = judge.read_prompts(args.prompts)[: args.num_prompts]
-    model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    progress = not args.no_progress
-    results: dict = {"model": str(path)}
-    if args.data or args.text:
-        if args.data:
-            tokens, source = dataset_tokens(args.data, args.split), f"{args.data} ({args.split})"
-        else:
-            tokens, source = text_tokens(args.text, text_encoder(path)), ", ".join(args.text)
-        lm = evaluate_lm(model, tokens, args.seq_len, args.batch_size, args.max_tokens, source, progress)
-        print(lm.table())
-        results["lm"] = lm.to_dict()
-    if client is not None:
-        from .tokenizer import load_tokenizer
-
-        gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-               "top_p": args.top_p, "seed": args.seed}
-        stories = judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
-                                      args.samples, progress)
-        summary = judge.summarize(stories)
-        if "lm" in results:
-            print()
-        print(judge.summary_table(summary))
-        results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
-                            "prompts": len(prompts), "samples_per_prompt": args.samples,
-                            "summary": summary, "stories": stories}
-    out = args.out or ("eval_judge.json" if client is not None else None)
-    if out:
-        write_json(out, results)
-        print(f"results written to {out}")
-    if client is not None and summary["scored"] == 0:
-        raise NanogemmaError(f"no judge reply could be read as scores; the replies are in {out}")
-    return 0

@@ -20,14 +20,13 @@ import numpy as np
 import torch
 
 from ..config import GemmaConfig, to_hf_config
-from ..model import Gemma
+from ..train.data import WindowSampler, windows
+from ..train.distributed import World
+from ..train.loss import LanguageModelLoss, TrainingGemma
+from ..train.monitor import peak_flops, train_flops_per_token
+from ..train.schedule import WarmupCosine
+from ..train.step import make_optimizer, train_step
 from ..weights import hf_state_dict
-from .data import WindowSampler, windows
-from .distributed import World
-from .loss import LanguageModelLoss, TrainingGemma
-from .monitor import peak_flops, train_flops_per_token
-from .schedule import WarmupCosine
-from .step import make_optimizer, train_step
 
 
 @dataclass
@@ -109,13 +108,4 @@ def run(cfg: GemmaConfig, tokens: np.ndarray, steps: int = 10, batch_size: int =
     return BenchResult(per_step, tps["ours"], tps.get("hf"), tps["ours"] / tps["hf"] if compare else None,
                        losses["ours"], losses.get("hf"), diff, mfu, torch.get_num_threads(),
                        str(dtype).removeprefix("torch."), compile)
-
-
-def logits_check(cfg: GemmaConfig, seed: int = 0) -> float:
-    """Largest |logit difference| between the two models on one random batch, before any training."""
-    ours = Gemma(cfg).init_weights(seed=seed).eval()
-    hf = hf_model(cfg, ours.state_dict(), torch.device("cpu")).eval()
-    x = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return (ours(x) - hf(input_ids=x).logits.float()).abs().max().item()
 

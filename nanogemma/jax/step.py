@@ -138,9 +138,12 @@ def make_eval_step(cfg: GemmaConfig, compute_dtype: Any = jnp.float32) -> Callab
     return jax.jit(run)
 
 
-def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int,
+            bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets), each (..., seq_len) int32, from windows of seq_len + 1 tokens at `offsets` (any shape):
-    the numpy twin of `train.data.windows`."""
+    the numpy twin of `train.data.windows`, <bos> first with `bos_id`."""
     idx = offsets[..., None] + np.arange(seq_len + 1)
     w = np.asarray(tokens[idx]).astype(np.int32)  # fancy indexing reads only these tokens of the memmap
+    if bos_id is not None:
+        w[..., 0] = bos_id
     return w[..., :-1], w[..., 1:]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import GLOBAL, SLIDING, GemmaConfig
+from ..config import GLOBAL, SLIDING, GemmaConfig
 
 COMPONENTS = ("embedding", "attention", "MLP", "norms", "output head")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -69,7 +69,7 @@ def component_of(name: str) -> str:
 def param_breakdown(cfg: GemmaConfig, state: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Parameters per component, from `state` if given (a real checkpoint) or from the config."""
     if state is None:
-        from .model import Gemma
+        from ..model import Gemma
 
         with torch.device("meta"):  # shapes only: a 27B model costs nothing to build here
             state = dict(Gemma(cfg).named_parameters())
@@ -213,9 +213,9 @@ def render(r: dict[str, Any], title: str = "") -> str:
 
 def load_for_inspect(name_or_path: str | None) -> tuple[GemmaConfig, dict[str, torch.Tensor] | None, str]:
     """A preset name gives its config without weights; anything else is loaded (weights memory-mapped)."""
-    from .config import PRESETS
-    from .weight_files import DEFAULT_MODEL
-    from .weights import load_state
+    from ..config import PRESETS
+    from ..weight_files import DEFAULT_MODEL
+    from ..weights import load_state
 
     if name_or_path is not None and name_or_path in PRESETS and name_or_path != DEFAULT_MODEL:
         return PRESETS[name_or_path].replace(), None, f"preset {name_or_path} (config only, no weights)"

@@ -1,0 +1,46 @@
+"""Helpers shared by several test modules (fixtures live in conftest.py): tiny models, a tiny model with
+Gemma's real tokenizer as a Hugging Face folder, and the command line in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from nanogemma.config import get_preset, to_hf_config
+from nanogemma.model import Gemma
+
+
+def tiny_model(seed: int = 0, **changes) -> Gemma:
+    model = Gemma(get_preset("tiny").replace(**changes)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.05))
+    return model
+
+
+def write_tiny_hf(folder: Path) -> Path:
+    """A random tiny Gemma 3 with the real 262,144-token tokenizer, as a Hugging Face folder."""
+    from safetensors.torch import save_file
+
+    from nanogemma.tokenizer import load_tokenizer
+    from nanogemma.weights import hf_state_dict
+
+    cfg = get_preset("tiny").replace(vocab_size=262_144, max_seq_len=512)
+    m = Gemma(cfg).init_weights(seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    save_file({k: v.contiguous() for k, v in hf_state_dict(m.state_dict()).items()}, str(folder / "model.safetensors"))
+    load_tokenizer().save(folder)
+    return folder
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanogemma", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # tiny models
