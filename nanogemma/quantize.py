@@ -166,8 +166,18 @@ class Int8Linear(nn.Module):
         return y.view(*shape, self.out_features)
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 products on this CPU's own BF16 instructions (AVX512-BF16 or AMX), not
+    emulated: the condition for packing a bfloat16 model. It honours ONEDNN_MAX_CPU_ISA."""
+    from .machine import cpu_info
+
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    return bool({"AVX512-BF16", "AMX-BF16"} & set(cpu_info()["isa"]))
+
+
 class PackedLinear(nn.Module):
-    """A bias-free float32 linear layer whose weight is stored in oneDNN's blocked layout, packed once.
+    """A bias-free linear layer whose weight is stored in oneDNN's blocked layout, packed once.
 
     The same float32 arithmetic as `F.linear` (results differ only in summation order, ~1e-6 relative),
     but a general matrix product re-packs its weight into cache-sized panels on every call: for the
@@ -176,6 +186,9 @@ class PackedLinear(nn.Module):
     little more than one. This is the kernel torch.compile's CPU backend uses for frozen linear weights.
     `weight` keeps the plain tensor (for a tied head, the embedding table itself: nothing is copied twice)
     unless `keep_weight=False`, for a weight nothing else needs (a fused copy made only to be packed).
+
+    bfloat16 weights are packed too where the CPU has BF16 instructions (`native_bf16`): the products then
+    run on them (AVX512-BF16 dot products or AMX tiles) with float32 sums, as `F.linear` does in bfloat16.
     """
 
     def __init__(self, weight: Tensor, rows_hint: int = 8, keep_weight: bool = True):
@@ -189,12 +202,13 @@ class PackedLinear(nn.Module):
         return PackedLinear(self.weight[ids].contiguous())
 
     def weight_bytes(self) -> int:
-        return self.in_features * self.out_features * 4
+        return self.in_features * self.out_features * self.packed.element_size()
 
     @staticmethod
     def available(weight: Tensor) -> bool:
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32
-                and torch.backends.mkldnn.is_available())
+        if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and native_bf16())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=onednn-packed"
@@ -252,7 +266,8 @@ def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1
 
 
 def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
-    """Give a float32 CPU model `PackedLinear` projections and head, in place (a no-op where oneDNN cannot).
+    """Give a CPU model `PackedLinear` projections and head, in place: float32 always, bfloat16 where the CPU
+    has BF16 instructions (a no-op where oneDNN cannot).
 
     `go`, if given, is set just before the head's reorder: one long torch op over the 671 MB table
     that does not hold the GIL, so another thread may then go on (see `weights.load`)."""

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_model
+from reference import in_float64
 
 from nanogemma.generation import generate_ids
 from nanogemma.model import TiedHead
-from nanogemma.quantize import Int8Linear, PackedLinear, pack_model, quantize_model
+from nanogemma.quantize import Int8Linear, PackedLinear, native_bf16, pack_model, quantize_model
 
 needs_onednn = pytest.mark.skipif(not PackedLinear.available(torch.zeros(1)), reason="no oneDNN in this torch")
 
@@ -42,9 +43,19 @@ def test_packed_model_decodes_the_same_tokens():
     assert list(generate_ids(packed, ids, 80)) == list(generate_ids(ref, ids, 80))
 
 
-def test_pack_model_leaves_other_models_alone():
+def test_pack_model_packs_bfloat16_only_on_native_bf16():
+    """bfloat16 is packed where the CPU has BF16 instructions, else left as it was; int8 is never repacked."""
     bf16 = tiny_model().to(torch.bfloat16)
-    assert isinstance(pack_model(bf16).lm_head, TiedHead)  # oneDNN's bf16 packing needs AVX-512: left as it was
+    ref = tiny_model().to(torch.bfloat16)
+    packed = pack_model(bf16)
+    assert isinstance(packed.lm_head, PackedLinear if native_bf16() else TiedHead)
+    ids = torch.tensor([[2, 30, 40, 50, 60, 70]])
+    with torch.inference_mode():
+        ours, plain = packed(ids), ref(ids)
+        with in_float64(ref):
+            exact = ref(ids)
+    # Both sum in float32 and round each product's result to bfloat16: the same error, up to rounding order.
+    assert (ours - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-6
     q = quantize_model(tiny_model(), "int8")
     assert isinstance(pack_model(q).lm_head, Int8Linear)
 
