@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/nanogemma generate "Once upon a time" --max-new-tokens 48
 
-test: $(STAMP)
+# The chat page's test drives a real headless Chromium (Debian's package; CI runs as root on a fresh machine).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check nanogemma tests bench scripts
 	$(PY) -m pytest -q
 

@@ -489,3 +489,57 @@ def test_load_32_clients_256_requests(tiny_hf_folder):
               f"left early, {elapsed:.1f} s (warm-up {start_time - t0:.1f} s), RSS {grown / 2**20:+.1f} MB")
     finally:
         running.close()
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (the Makefile installs it when missing)
+
+
+def test_chat_page_in_a_headless_browser(tiny_hf_folder, tmp_path):
+    """Load the page, send a message, see the streamed reply (the API's greedy answer), stop a long one."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (make test does)")
+    running = start(tiny_hf_folder, slots=2)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(running.url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('serve-tiny-hf')",
+                                   timeout=20_000)
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "12")
+            page.fill("#input", "Hello there!")
+            page.press("#input", "Enter")
+            reply = page.locator(".msg.assistant").nth(0)
+            page.wait_for_function("document.querySelector('.msg.assistant').dataset.state === 'length'",
+                                   timeout=30_000)
+            ids = running.state.tok.encode(chat_prompt([{"role": "user", "content": "Hello there!"}]), add_bos=True)
+            expected = lone_text(running, ids, 12)
+            note = reply.locator(".note").inner_text()
+            assert reply.evaluate("e => e.firstChild.textContent") == expected  # the text node, before the note
+            assert "tokens/s" in note and "12 tokens" in note
+            # A long reply, stopped midway: the page keeps what came, and the server frees the slot.
+            page.fill("#max_tokens", "400")
+            page.fill("#input", "Tell me more.")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].textContent.length > 3",
+                                   timeout=30_000)
+            page.click("#stop")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].dataset.state === 'stopped'",
+                                   timeout=10_000)
+            assert page.evaluate("conversation.length") == 4  # both turns kept for the next message
+            deadline = time.time() + 5
+            while running.state.engine.busy_slots and time.time() < deadline:
+                time.sleep(0.05)
+            assert running.state.engine.busy_slots == 0
+            assert running.state.engine.stats.finished["cancelled"] >= 1
+            browser.close()
+    finally:
+        running.close()
