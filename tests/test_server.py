@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from nanogemma.decoding import stop_ids_for  # noqa: E402
+from nanogemma.engine import Engine  # noqa: E402
 from nanogemma.generation import generate_ids  # noqa: E402
 from nanogemma.server import ServerState, chat_prompt, create_app, load_engine  # noqa: E402
 
@@ -78,12 +79,19 @@ class Running:
         return r.status, {k.lower(): v for k, v in r.getheaders()}, payload
 
 
+_LOADED: dict[Path, tuple] = {}
+
+
 def start(folder: Path, slots: int = 4, max_queue: int = 64, api_key: str | None = None, context: int = 512,
           step_tokens: int = 64, timeout: float = 60.0) -> Running:
+    """A server on the tiny model; the model is loaded once (`load_engine`), each server has its own engine."""
     state = ServerState("serve-tiny-hf", api_key=api_key, max_body=64 * 1024, timeout=timeout)
-    engine, tok = load_engine(str(folder), slots=slots, max_queue=max_queue, context=context,
-                              step_tokens=step_tokens)
-    state.start(engine, tok)
+    if folder not in _LOADED:
+        engine, tok = load_engine(str(folder), slots=slots, max_queue=max_queue, context=context,
+                                  step_tokens=step_tokens)
+        _LOADED[folder] = (engine.model, tok)
+    model, tok = _LOADED[folder]
+    state.start(Engine(model, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue), tok)
     return Running(state)
 
 
@@ -277,7 +285,7 @@ def test_full_queue_is_429_with_retry_after_and_loading_is_503(tiny_hf_folder):
     running = start(tiny_hf_folder, slots=1, max_queue=1)
     try:
         engine = running.state.engine
-        long = {"prompt": "Go", "max_tokens": 150, "temperature": 0}
+        long = {"prompt": "Go", "max_tokens": 80, "temperature": 0}
         results: list[int] = []
         threads = [threading.Thread(target=lambda: results.append(running.request("POST", "/v1/completions", long)[0]))
                    for _ in range(2)]
