@@ -215,3 +215,22 @@ def test_real_model_past_the_window_beside_a_short_request(model_and_tok):
     engine = Engine(model, slots=2, max_len=560, step_tokens=192)  # the long prompt takes 3 chunks
     got = engine.generate([short_ids, long_ids], 4)
     assert got == [lone(model, short_ids, 4), lone(model, long_ids, 4)]
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(model):
+    """While a 200-token prompt is fed in chunks, the decoding requests still get a token every step."""
+    engine = Engine(model, slots=3, max_len=256, step_tokens=16)
+    short = [engine.submit(Request(prompt(n, seed=8), 40)) for n in (3, 7)]
+    while not all(r.tokens for r in short):
+        engine.step()
+    long = engine.submit(Request(prompt(200, seed=8), 5))
+    steps = 0
+    while not long.tokens:
+        before = [len(r.tokens) for r in short]
+        engine.step()
+        steps += 1
+        assert [len(r.tokens) for r in short] == [b + 1 for b in before]  # nobody waited for the prefill
+    assert steps >= 200 // 16  # the prompt took many steps, at most 14 prompt tokens each
+    run_all(engine)
+    assert long.tokens == lone(model, prompt(200, seed=8), 5)
+    assert [r.tokens for r in short] == [lone(model, prompt(n, seed=8), 40) for n in (3, 7)]
