@@ -14,8 +14,9 @@ The pieces:
 * **Routes**: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream`), `GET /v1/models`,
   `GET /health`, `GET /metrics` (Prometheus text) and the chat page at `/` (`nanogemma/static/chat.html`).
 
-The chat prompt is Gemma's template (see `chat.py`): `<start_of_turn>user ... <end_of_turn>` turns, the
-assistant's as `model`, and a system message folded into the first user turn, followed by a blank line.
+The chat prompt is a Hugging Face folder's own `chat_template` where it has one (rendered with Jinja in a
+sandbox, as transformers does); otherwise Gemma's template (see `chat.py`): `<start_of_turn>user ...
+<end_of_turn>` turns, the assistant's as `model`, a system message folded into the first user turn.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at runtime.
@@ -151,6 +152,44 @@ def chat_prompt(messages: Any) -> str:
     return body + "<start_of_turn>model\n"
 
 
+def load_chat_template(model: str | None) -> str | None:
+    """A Hugging Face folder's own chat template (`chat_template.jinja`, else `tokenizer_config.json`'s)."""
+    if model is None or not Path(model).is_dir():
+        return None
+    folder = Path(model)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            return None
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+    return None
+
+
+def render_chat_template(template: str, messages: Any, bos: str = "<bos>") -> str:
+    """The folder's template over the messages (checked as for the built-in one), up to the model's turn."""
+    chat_prompt(messages)  # the same checks: roles, contents, order
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def fail(message: str) -> None:
+        raise ApiError(400, f"the model's chat template refused the messages: {message}", "messages")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = fail
+    plain = [{"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)}
+             for i, m in enumerate(messages)]
+    try:
+        return env.from_string(template).render(messages=plain, bos_token=bos, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise ApiError(500, f"the model's chat template failed: {e}", kind="server_error") from None
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 
@@ -192,6 +231,7 @@ class ServerState:
         self.model_id, self.api_key, self.max_body, self.timeout = model_id, api_key, max_body, timeout
         self.engine: Engine | None = None
         self.tok = None
+        self.chat_template: str | None = None  # a Hugging Face folder's own; else Gemma's turns (`chat_prompt`)
         self.load_error: str | None = None
         self.metrics = Metrics()
         self._stop = threading.Event()
@@ -463,7 +503,12 @@ def create_app(state: ServerState):
         body = await read_json(request)
         if "messages" not in body:
             raise ApiError(400, "'messages' is required", "messages")
-        ids = state.tok.encode(chat_prompt(body["messages"]), add_bos=True)
+        if state.chat_template is None:
+            ids = state.tok.encode(chat_prompt(body["messages"]), add_bos=True)
+        else:
+            bos = state.tok.id_to_token(state.tok.bos_id) or "<bos>"
+            text = render_chat_template(state.chat_template, body["messages"], bos)
+            ids = state.tok.encode(text, add_bos=not text.startswith(bos))  # templates write <bos> themselves
         return await run(request, body, [ids], chat=True)
 
     @app.post("/v1/completions")
@@ -584,6 +629,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
     if not timeout > 0:
         raise NanogemmaError(f"--timeout must be > 0 seconds, got {timeout}")
     state = ServerState(model_id=model_name(model), api_key=api_key or None, max_body=max_body, timeout=timeout)
+    state.chat_template = load_chat_template(model)
 
     def load() -> None:
         try:

@@ -551,3 +551,38 @@ def test_chat_page_in_a_headless_browser(tiny_hf_folder, tmp_path):
             browser.close()
     finally:
         running.close()
+
+
+# A template of our own in Hugging Face's form: system turns kept as their own role, to tell it from Gemma's.
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' and m.content == 'forbidden' %}"
+            "{{ raise_exception('no forbidden words') }}{% endif %}<start_of_turn>"
+            "{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_folder_chat_template_is_used(tiny_hf_folder, tmp_path):
+    import shutil
+
+    from nanogemma.server import load_chat_template, render_chat_template
+
+    folder = tmp_path / "templated"
+    shutil.copytree(tiny_hf_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    assert load_chat_template(str(folder)) == TEMPLATE and load_chat_template(str(tiny_hf_folder)) is None
+    text = render_chat_template(TEMPLATE, MESSAGES)
+    assert text == ("<bos><start_of_turn>system\nBe brief.<end_of_turn>\n<start_of_turn>user\nHello there!"
+                    "<end_of_turn>\n<start_of_turn>model\n")
+    running = start(tiny_hf_folder, slots=1)
+    running.state.chat_template = load_chat_template(str(folder))
+    try:
+        status, _, payload = running.request("POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3,
+                                                                             "temperature": 0})
+        ids = running.state.tok.encode(text, add_bos=False)
+        assert status == 200 and payload["usage"]["prompt_tokens"] == len(ids)
+        assert payload["choices"][0]["message"]["content"] == lone_text(running, ids, 3)
+        status, _, payload = running.request("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "forbidden"}]})
+        assert status == 400 and "no forbidden words" in payload["error"]["message"]
+    finally:
+        running.close()
