@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,9 +65,28 @@ def server_command(name: str, gguf: Path, port: int, args) -> tuple[list[str], s
                 "--n_ctx", str(args.context), "--n_threads", str(args.threads), "--model_alias", "gguf"], "gguf"
     if name == "transformers":
         cli = str(Path(py).with_name("transformers"))
-        model = f"{gguf.parent}:{gguf.name}"
-        return [cli, "serve", model, "--port", str(port), "--device", "cpu", "--host", "127.0.0.1"], model
+        folder = hf_copy(gguf)
+        return [cli, "serve", str(folder), "--port", str(port), "--device", "cpu", "--host", "127.0.0.1",
+                "--dtype", "float32"], str(folder)
     raise SystemExit(f"unknown server {name}")
+
+
+def hf_copy(gguf: Path) -> Path:
+    """The GGUF as a Hugging Face folder (transformers' own dequantised reading), made once: `transformers
+    serve` cannot start from a GGUF file (its config names no architecture)."""
+    folder = Path.home() / ".cache" / "nanogemma-bench" / f"{gguf.stem}-hf"
+    if not (folder / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = folder.with_name(folder.name + ".tmp")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        model.hf_quantizer = None  # the weights are dequantised already; transformers refuses to save "gguf"
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
 
 
 def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
@@ -169,10 +189,12 @@ def main() -> None:
         port = free_port()
         cmd, model = server_command(name, gguf, port, args)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server would fill it and block
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
             if not wait_ready(port, model, prompts[0], proc, args.start_timeout):
-                err = proc.stderr.read()[-400:] if proc.poll() is not None else "no answer"
+                log.seek(0)
+                err = log.read()[-400:] if proc.poll() is not None else "no answer"
                 rows.append({"server": name, "error": f"did not start: {err}"})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
