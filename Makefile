@@ -17,7 +17,7 @@ LLAMA_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
 LLAMA_INSTALL := $(PY) -m pip install --quiet --no-index --no-deps --find-links $(LLAMA_WHEELS) \
 	llama-cpp-python==$(LLAMA_CPP_VERSION)
 
-.PHONY: demo test test-avx2 cpu lint bench clean llama-cpp
+.PHONY: demo test test-avx2 cpu lint bench clean llama-cpp chromium
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/nanogemma generate "Once upon a time" --max-new-tokens 48
+
+# The chat page's test drives a real headless Chromium (Debian's package; CI runs as root on a fresh machine).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 # A cached wheel that installs is used; otherwise (first run, or another Python) it is built, then cached.
 $(LLAMA_STAMP): $(STAMP)
@@ -44,7 +48,7 @@ $(LLAMA_STAMP): $(STAMP)
 
 llama-cpp: $(LLAMA_STAMP)
 
-test: $(STAMP) $(LLAMA_STAMP)
+test: $(STAMP) $(LLAMA_STAMP) chromium
 	$(VENV)/bin/ruff check nanogemma tests bench scripts
 	$(PY) -m pytest -q
 
@@ -54,7 +58,7 @@ test: $(STAMP) $(LLAMA_STAMP)
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
              XLA_FLAGS=--xla_cpu_max_isa=AVX2
 
-test-avx2: $(STAMP) $(LLAMA_STAMP)
+test-avx2: $(STAMP) $(LLAMA_STAMP) chromium
 	$(AVX2_ONLY) $(PY) -m nanogemma.machine
 	$(AVX2_ONLY) $(PY) -m pytest -q
 

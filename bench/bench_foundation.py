@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
     args = ap.parse_args()
-    from nanogemma.bench import machine
+    from nanogemma.tools.bench import machine
 
     print(f"machine: {machine()}")
 

@@ -506,6 +506,39 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching, and a chat page",
+                       description="Serve the model over HTTP: POST /v1/chat/completions and /v1/completions "
+                                   "(streaming or not), GET /v1/models, /health, /metrics, and a chat page at /. "
+                                   "Requests share the model in slots (continuous batching). Needs the [serve] extra.")
+    _add_model_flags(p)
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-wo"],
+                   help="int8 weights (int8-wo keeps batched answers equal to lone ones; see nanogemma/engine.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step over all slots (CUDA graphs on a GPU)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--slots", type=int, default=8, help="requests served at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more are answered 429 (default 64)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per request, prompt plus reply (default 8192, at most the model's context)")
+    p.add_argument("--step-tokens", type=int, default=256,
+                   help="tokens one engine step may feed, decode and prompt chunks together (default 256)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args.model, args.host, args.port, args.dtype, args.device, args.quantize, args.slots,
+                 args.max_queue, args.api_key, args.context, args.step_tokens, args.timeout,
+                 compile=args.compile, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -519,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_plot(sub)
     _add_export(sub)
+    _add_serve(sub)
     return parser
 
 

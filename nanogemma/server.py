@@ -1,0 +1,654 @@
+"""`nanogemma serve`: an OpenAI-compatible HTTP server over the continuous-batching engine (`engine.py`).
+
+The pieces:
+
+* **One engine thread** runs `Engine.run`: all model work happens there, so requests never contend for
+  the model. The event loop (uvicorn's) only parses, tokenizes, detokenizes and writes.
+* **Per request** the handler submits an `engine.Request` whose callbacks hand each new token to the
+  event loop (`call_soon_threadsafe`). Detokenisation and stop strings reuse `decoding.TextStream`; when a
+  stop string matches, the client goes away or the request times out, the handler cancels the request
+  and the engine frees its slot at its next step.
+* **Bad input never reaches the engine**: every field is checked here and answered, as OpenAI does, with
+  `{"error": {"message", "type", "param", "code"}}` and the matching status (400 bad value, 401 key, 404
+  model or route, 413 body too large, 429 queue full with Retry-After, 503 still loading).
+* **Routes**: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream`), `GET /v1/models`,
+  `GET /health`, `GET /metrics` (Prometheus text) and the chat page at `/` (`nanogemma/static/chat.html`).
+
+The chat prompt is a Hugging Face folder's own `chat_template` where it has one (rendered with Jinja in a
+sandbox, as transformers does); otherwise Gemma's template (see `chat.py`): `<start_of_turn>user ...
+<end_of_turn>` turns, the assistant's as `model`, a system message folded into the first user turn.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at runtime.
+import asyncio
+import json
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .decoding import SamplingParams, TextStream, stop_ids_for
+from .engine import DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, Engine, QueueFull, Request
+from .errors import NanogemmaError
+
+DEFAULT_MAX_TOKENS = 512  # when a request does not say (bounded by the room left in the context)
+DEFAULT_MAX_BODY = 1 << 20  # bytes
+DEFAULT_TIMEOUT = 600.0  # seconds per request
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class ApiError(Exception):
+    """An error answered to the client as OpenAI-style JSON."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _get(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None, lo: float | None = None,
+         hi: float | None = None, lo_open: bool = False) -> Any:
+    """body[name], checked: of `kind` (bools are not numbers) and within [lo, hi] (or (lo, hi])."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__.replace("str", "string").replace("float", "number") for k in kinds)
+        raise ApiError(400, f"'{name}' must be {names}, got {type(value).__name__}", name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number", name)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {value}", name)
+    if hi is not None and value > hi:
+        raise ApiError(400, f"'{name}' must be <= {hi}, got {value}", name)
+    return value
+
+
+def sampling_from(body: dict) -> SamplingParams:
+    """OpenAI's sampling fields (plus top_k, min_p, repetition_penalty) -> SamplingParams."""
+    number = (int, float)
+    top_p = _get(body, "top_p", number, None, 0.0, 1.0, lo_open=True)
+    params = SamplingParams(
+        temperature=float(_get(body, "temperature", number, 1.0, 0.0, 2.0)),
+        top_k=_get(body, "top_k", int, None, 1) or None,
+        top_p=None if top_p is None or top_p == 1 else float(top_p),
+        min_p=_get(body, "min_p", number, None, 0.0, 1.0),
+        repetition_penalty=float(_get(body, "repetition_penalty", number, 1.0, 0.0, 10.0, lo_open=True)),
+        seed=_get(body, "seed", int, None),
+    )
+    try:
+        return params.validate()
+    except NanogemmaError as e:
+        raise ApiError(400, str(e).replace("--", "")) from None
+
+
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
+    return stop
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def chat_prompt(messages: Any) -> str:
+    """Gemma's chat template, up to the model's turn header (the tokenizer adds <bos>)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    turns: list[tuple[str, str]] = []
+    system: list[str] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}", "messages")
+        text = _content(m, i).strip()
+        if role in ("system", "developer"):
+            if turns:
+                raise ApiError(400, f"messages[{i}]: a system message must come before the conversation", "messages")
+            system.append(text)
+            continue
+        kind = "user" if role == "user" else "model"
+        if (turns[-1][0] if turns else "model") == kind:
+            raise ApiError(400, f"messages[{i}]: roles must alternate user/assistant, starting with user",
+                           "messages")
+        turns.append((kind, text))
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "the last message must be the user's", "messages")
+    if system and any(system):
+        turns[0] = ("user", "\n\n".join(s for s in system if s) + "\n\n" + turns[0][1])
+    body = "".join(f"<start_of_turn>{kind}\n{text}<end_of_turn>\n" for kind, text in turns)
+    return body + "<start_of_turn>model\n"
+
+
+def load_chat_template(model: str | None) -> str | None:
+    """A Hugging Face folder's own chat template (`chat_template.jinja`, else `tokenizer_config.json`'s)."""
+    if model is None or not Path(model).is_dir():
+        return None
+    folder = Path(model)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            return None
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+    return None
+
+
+def render_chat_template(template: str, messages: Any, bos: str = "<bos>") -> str:
+    """The folder's template over the messages (checked as for the built-in one), up to the model's turn."""
+    chat_prompt(messages)  # the same checks: roles, contents, order
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def fail(message: str) -> None:
+        raise ApiError(400, f"the model's chat template refused the messages: {message}", "messages")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = fail
+    plain = [{"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)}
+             for i, m in enumerate(messages)]
+    try:
+        return env.from_string(template).render(messages=plain, bos_token=bos, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise ApiError(500, f"the model's chat template failed: {e}", kind="server_error") from None
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+@dataclass
+class Metrics:
+    """What /metrics reports beyond the engine's own counters (written on the event loop only)."""
+
+    http: dict[int, int] = field(default_factory=dict)
+    rejected: int = 0
+    ttft: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    recent: deque = field(default_factory=deque)  # times of tokens sent in the last WINDOW seconds
+    WINDOW = 10.0
+
+    def observe_ttft(self, seconds: float) -> None:
+        i = next((i for i, b in enumerate(TTFT_BUCKETS) if seconds <= b), len(TTFT_BUCKETS))
+        self.ttft[i] += 1
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+
+    def token(self, now: float) -> None:
+        self.recent.append(now)
+
+    def tokens_per_second(self, now: float) -> float:
+        while self.recent and self.recent[0] < now - self.WINDOW:
+            self.recent.popleft()
+        return len(self.recent) / self.WINDOW
+
+
+# ------------------------------------------------------------------------------------------ the state
+
+
+class ServerState:
+    """The model, tokenizer and engine (None until loaded), the engine thread, the server's settings."""
+
+    def __init__(self, model_id: str, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.model_id, self.api_key, self.max_body, self.timeout = model_id, api_key, max_body, timeout
+        self.engine: Engine | None = None
+        self.tok = None
+        self.chat_template: str | None = None  # a Hugging Face folder's own; else Gemma's turns (`chat_prompt`)
+        self.load_error: str | None = None
+        self.metrics = Metrics()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, engine: Engine, tok) -> None:
+        """Begin serving with this engine: its loop runs in a background thread."""
+        self.tok, self.engine = tok, engine
+        self.stop_ids = frozenset(stop_ids_for(tok))
+        self._thread = threading.Thread(target=engine.run, args=(self._stop,), name="nanogemma-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.engine is not None:
+            self.engine.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------ one job
+
+
+class Job:
+    """The requests of one HTTP call (n choices, or several prompts), their text streams and events."""
+
+    def __init__(self, state: ServerState, prompts: list[list[int]], n: int, max_tokens: int | None,
+                 params: SamplingParams, stop: list[str]):
+        self.state, self.loop = state, asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        engine = state.engine
+        self.requests: list[Request] = []
+        self.streams: list[TextStream] = []
+        self.reasons: list[str | None] = []
+        for p in prompts:
+            room = engine.max_len - len(p)
+            want = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room)
+            try:
+                engine.check(len(p), want)
+            except NanogemmaError as e:
+                param = "max_tokens" if max_tokens is not None and len(p) < engine.max_len else "messages"
+                raise ApiError(400, str(e), param, code="context_length_exceeded") from None
+            for j in range(n):
+                seeded = params if params.seed is None or j == 0 else \
+                    SamplingParams(**{**params.__dict__, "seed": params.seed + j})
+                index = len(self.requests)
+                self.requests.append(Request(p, want, seeded, state.stop_ids,
+                                             on_token=self._forward(index), on_finish=self._forward(index)))
+                self.streams.append(TextStream(state.tok, stop))
+                self.reasons.append(None)
+
+    def _forward(self, index: int):
+        def callback(req: Request, token: int | None = None) -> None:  # on the engine thread
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, token))
+        return callback
+
+    def submit(self) -> None:
+        try:
+            for r in self.requests:
+                self.state.engine.submit(r)
+        except QueueFull as e:
+            self.cancel()
+            self.state.metrics.rejected += 1
+            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) \
+                from None
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            if r.finish_reason is None:
+                self.state.engine.cancel(r)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt) for r in self.requests)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.requests)
+
+    async def pieces(self, request) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice, text, finish_reason or None) as the tokens come; cancels everything if the client leaves."""
+        deadline = time.monotonic() + self.state.timeout
+        next_check = time.monotonic() + 0.25
+        open_ = len(self.requests)
+        metrics = self.state.metrics
+        try:
+            while open_:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(504, f"the request took longer than {self.state.timeout:g} s",
+                                   kind="timeout_error", code="timeout")
+                if time.monotonic() > next_check:  # a client waiting for a whole answer may leave too
+                    next_check = time.monotonic() + 0.25
+                    if await request.is_disconnected():
+                        return
+                try:
+                    index, token = await asyncio.wait_for(self.events.get(), timeout=min(0.25, left))
+                except TimeoutError:
+                    continue
+                req, stream = self.requests[index], self.streams[index]
+                if self.reasons[index] is not None:
+                    continue  # finished by a stop string: what the engine still sends is dropped
+                if token is not None:  # a new token
+                    if not stream.ids:
+                        metrics.observe_ttft(req.first_token_at - req.submitted)
+                    metrics.token(time.monotonic())
+                    piece = stream.push(token)
+                    if stream.stopped:
+                        self.reasons[index] = "stop"
+                        self.state.engine.cancel(req)
+                        open_ -= 1
+                        yield index, piece, "stop"
+                    elif piece:
+                        yield index, piece, None
+                    continue
+                # finished
+                if req.finish_reason == "error":
+                    raise ApiError(500, f"the engine failed: {req.error}", kind="server_error")
+                if req.first_token_at is not None and not stream.ids:
+                    metrics.observe_ttft(req.first_token_at - req.submitted)  # stopped on its first token
+                self.reasons[index] = "stop" if req.finish_reason in ("stop", "cancelled") else "length"
+                open_ -= 1
+                yield index, stream.flush(), self.reasons[index]
+        finally:
+            self.cancel()
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+def create_app(state: ServerState):
+    """The FastAPI application over `state` (whose engine may still be loading)."""
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="nanogemma", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e: StarletteHTTPException):
+        message = "no such route" if e.status_code == 404 else str(e.detail)
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(ApiError(e.status_code, message, kind=kind))
+
+    @app.exception_handler(Exception)
+    async def _crash(_request, e: Exception):  # a bug answers 500; the server carries on
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    @app.middleware("http")
+    async def _count_and_guard(request: HttpRequest, call_next):
+        try:
+            if request.url.path.startswith("/v1/"):
+                if state.api_key is not None:
+                    auth = request.headers.get("authorization", "")
+                    if auth != f"Bearer {state.api_key}":
+                        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                       kind="authentication_error", code="invalid_api_key")
+                if state.engine is None and request.url.path != "/v1/models":
+                    raise ApiError(503, state.load_error or "the model is still loading",
+                                   kind="server_error", headers={"Retry-After": "2"})
+            response = await call_next(request)
+        except ApiError as e:
+            response = error_response(e)
+        state.metrics.http[response.status_code] = state.metrics.http.get(response.status_code, 0) + 1
+        return response
+
+    async def read_json(request: HttpRequest) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > state.max_body:
+            raise ApiError(413, f"the body is over {state.max_body} bytes", kind="invalid_request_error")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > state.max_body:
+                raise ApiError(413, f"the body is over {state.max_body} bytes", kind="invalid_request_error")
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != state.model_id:
+            raise ApiError(404, f"the model '{model}' does not exist; this server has '{state.model_id}'",
+                           "model", kind="not_found_error", code="model_not_found")
+        return body
+
+    def common(body: dict) -> tuple[int | None, SamplingParams, list[str], int, bool, bool]:
+        max_tokens = _get(body, "max_completion_tokens", int, None, 1)
+        if max_tokens is None:
+            max_tokens = _get(body, "max_tokens", int, None, 1)
+        n = _get(body, "n", int, 1, 1, 16)
+        stream = _get(body, "stream", bool, False)
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        usage = bool(_get(options, "include_usage", bool, False))
+        return max_tokens, sampling_from(body), stop_strings(body), n, stream, usage
+
+    async def run(request: HttpRequest, body: dict, prompts: list[list[int]], chat: bool):
+        max_tokens, params, stop, n, stream, include_usage = common(body)
+        job = Job(state, prompts, n, max_tokens, params, stop)
+        job.submit()
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        def usage() -> dict:
+            return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+                    "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+        def choice(i: int, text: str | None, reason: str | None, delta: bool) -> dict:
+            if not chat:
+                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            if delta:
+                return {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                        "finish_reason": reason}
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason}
+
+        if not stream:
+            texts = [""] * len(job.requests)
+            reasons: list[str | None] = [None] * len(job.requests)
+            async for i, piece, reason in job.pieces(request):
+                texts[i] += piece
+                reasons[i] = reason or reasons[i]
+            if any(r is None for r in reasons):  # the client left: nobody reads the answer
+                return JSONResponse({}, status_code=499)
+            return {"id": ident, "object": kind, "created": created, "model": state.model_id,
+                    "choices": [choice(i, texts[i], reasons[i], False) for i in range(len(texts))],
+                    "usage": usage()}
+
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list[dict], **extra) -> str:
+            payload = {"id": ident, "object": chunk_kind, "created": created, "model": state.model_id,
+                       "choices": choices, **extra}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            if chat:
+                yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(len(job.requests))])
+            try:
+                async for i, piece, reason in job.pieces(request):
+                    if piece:
+                        yield event([choice(i, piece, None, True)])
+                    if reason is not None:
+                        yield event([choice(i, None, reason, True)])
+            except ApiError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+            if include_usage:
+                yield event([], usage=usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        body = await read_json(request)
+        if "messages" not in body:
+            raise ApiError(400, "'messages' is required", "messages")
+        if state.chat_template is None:
+            ids = state.tok.encode(chat_prompt(body["messages"]), add_bos=True)
+        else:
+            bos = state.tok.id_to_token(state.tok.bos_id) or "<bos>"
+            text = render_chat_template(state.chat_template, body["messages"], bos)
+            ids = state.tok.encode(text, add_bos=not text.startswith(bos))  # templates write <bos> themselves
+        return await run(request, body, [ids], chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            vocab = state.engine.model.config.vocab_size
+            if not all(0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt")
+            return await run(request, body, [list(prompt)], chat=False)
+        else:
+            raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token ids", "prompt")
+        if len(prompts) > 16:
+            raise ApiError(400, "at most 16 prompts per request", "prompt")
+        ids = [state.tok.encode(p, add_bos=True) for p in prompts]
+        return await run(request, body, ids, chat=False)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0,
+                                            "owned_by": "nanogemma"}]}
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            status = 500 if state.load_error else 503
+            return JSONResponse({"status": "error" if state.load_error else "loading",
+                                 "error": state.load_error}, status_code=status, headers={"Retry-After": "2"})
+        e = state.engine
+        return {"status": "ok", "model": state.model_id, "slots": e.slots, "busy_slots": e.busy_slots,
+                "queue_depth": e.queue_depth, "context": e.max_len}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(state), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "chat.html", media_type="text/html")
+
+    return app
+
+
+def prometheus_text(state: ServerState) -> str:
+    """The /metrics page in Prometheus' text format."""
+    m, e = state.metrics, state.engine
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP nanogemma_{name} {help_}", f"# TYPE nanogemma_{name} {kind}"])
+        lines.extend(f"nanogemma_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("http_responses_total", "counter", "HTTP responses by status code",
+           [(f'{{code="{c}"}}', n) for c, n in sorted(m.http.items())])
+    metric("requests_rejected_total", "counter", "requests answered 429 (queue full)", [("", m.rejected)])
+    metric("ready", "gauge", "1 once the model is loaded", [("", e is not None)])
+    if e is not None:
+        s = e.stats
+        metric("requests_total", "counter", "requests admitted to the queue", [("", s.requests)])
+        metric("requests_finished_total", "counter", "requests finished, by reason",
+               [(f'{{reason="{r}"}}', n) for r, n in sorted(s.finished.items())])
+        metric("queue_depth", "gauge", "requests waiting for a slot", [("", e.queue_depth)])
+        metric("slots", "gauge", "slots (requests served at once)", [("", e.slots)])
+        metric("active_slots", "gauge", "slots serving a request", [("", e.busy_slots)])
+        metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [("", s.prompt_tokens)])
+        metric("generation_tokens_total", "counter", "tokens generated", [("", s.generated_tokens)])
+        metric("engine_steps_total", "counter", "engine steps", [("", s.steps)])
+    metric("generation_tokens_per_second", "gauge", f"tokens sent over the last {m.WINDOW:g} s, per second",
+           [("", m.tokens_per_second(time.monotonic()))])
+    name = "time_to_first_token_seconds"
+    lines.extend([f"# HELP nanogemma_{name} from submission to the first token",
+                  f"# TYPE nanogemma_{name} histogram"])
+    total = 0
+    for bound, count in zip((*TTFT_BUCKETS, math.inf), m.ttft, strict=True):
+        total += count
+        lines.append(f'nanogemma_{name}_bucket{{le="{"+Inf" if bound == math.inf else f"{bound:g}"}"}} {total}')
+    lines += [f"nanogemma_{name}_sum {m.ttft_sum:g}", f"nanogemma_{name}_count {m.ttft_count}"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def load_engine(model: str | None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None,
+                slots: int = DEFAULT_SLOTS, max_queue: int = 64, context: int | None = None,
+                step_tokens: int = DEFAULT_STEP_TOKENS, compile: bool = False):
+    """Load a model as `generate` does and wrap it in an engine: (engine, tokenizer)."""
+    from .weights import load_for_inference
+
+    m, tok = load_for_inference(model, dtype, device, quantize, pack=not compile)
+    return Engine(m, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue,
+                  compile=compile, pad_id=getattr(tok, "pad_id", 0) or 0), tok
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
+          device: str = "cpu", quantize: str | None = None, slots: int = DEFAULT_SLOTS, max_queue: int = 64,
+          api_key: str | None = None, context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+          timeout: float = DEFAULT_TIMEOUT, max_body: int = DEFAULT_MAX_BODY, compile: bool = False,
+          log_level: str = "info") -> int:
+    """Run the server until interrupted. The port opens at once; /health answers 503 until the model is loaded."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise NanogemmaError("the server needs FastAPI and uvicorn: pip install 'nanogemma[serve]'") from None
+    for name, value in (("--slots", slots), ("--step-tokens", step_tokens)):
+        if value < 1:
+            raise NanogemmaError(f"{name} must be >= 1, got {value}")
+    if max_queue < 0:
+        raise NanogemmaError(f"--max-queue must be >= 0, got {max_queue}")
+    if not 0 < port < 65536:
+        raise NanogemmaError(f"--port must be in 1..65535, got {port}")
+    if not timeout > 0:
+        raise NanogemmaError(f"--timeout must be > 0 seconds, got {timeout}")
+    state = ServerState(model_id=model_name(model), api_key=api_key or None, max_body=max_body, timeout=timeout)
+    state.chat_template = load_chat_template(model)
+
+    def load() -> None:
+        try:
+            state.start(*load_engine(model, dtype, device, quantize, slots, max_queue, context, step_tokens, compile))
+        except Exception as e:  # reported by /health and every call, as a NanogemmaError would be
+            state.load_error = f"the model failed to load: {e}"
+
+    threading.Thread(target=load, name="nanogemma-load", daemon=True).start()
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        state.stop()
+    return 0
+
+
+def model_name(model: str | None) -> str:
+    """The id /v1/models reports: the preset name, or the file or folder's name."""
+    if model is None:
+        return "gemma3-270m"
+    return Path(model).stem if Path(model).suffix == ".gguf" else Path(model.rstrip("/")).name or model

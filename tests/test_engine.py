@@ -1,0 +1,238 @@
+"""Continuous batching is exact: each request's tokens equal a lone `generate_ids` on its prompt.
+
+Random `tiny` models (window 8, so a few dozen tokens wrap a slot's ring many times) run requests that arrive
+while others decode, prompts shorter and longer than the window and than the step's token budget (so they
+are prefilled in chunks between decode steps), early finishes, more requests than slots (slots are reused)
+and per-request sampling. Batched float products may round differently from batch-1 ones, so logits are
+bounded against a float64 reference and greedy tokens compared; the last test runs the real 270M model
+past its 512-token window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from nanogemma.decoding import SamplingParams
+from nanogemma.engine import Engine, QueueFull, Request, SlotCache
+from nanogemma.errors import NanogemmaError
+from nanogemma.generation import Session, generate_ids
+from nanogemma.model import Gemma
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, as elsewhere
+
+W = 8
+
+
+@pytest.fixture(scope="module")
+def model() -> Gemma:
+    return tiny_model()
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed + 7 * n)).tolist()
+
+
+def lone(model: Gemma, ids: list[int], n: int, **kw) -> list[int]:
+    return list(generate_ids(model, ids, n, **kw))
+
+
+def run_all(engine: Engine, max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if not engine.step():
+            return
+    raise AssertionError("the engine did not finish")
+
+
+def test_staggered_arrivals_equal_each_prompt_alone(model):
+    """7 requests through 3 slots, arriving while others decode: slots are reused, rings wrap many times."""
+    sizes = [(2, 60), (W, 25), (17, 70), (30, 5), (3, 40), (41, 33), (12, 50)]
+    prompts = [prompt(n) for n, _ in sizes]
+    expected = [lone(model, p, m) for p, (_, m) in zip(prompts, sizes, strict=True)]
+    engine = Engine(model, slots=3, max_len=128, step_tokens=6)  # 41 tokens: prefilled over many steps
+    reqs = [Request(p, m) for p, (_, m) in zip(prompts, sizes, strict=True)]
+    for i, req in enumerate(reqs):
+        engine.submit(req)
+        for _ in range(3 + 4 * i):  # the next one arrives mid-decode of the others
+            engine.step()
+    run_all(engine)
+    assert [r.tokens for r in reqs] == expected
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert engine.busy_slots == 0 and engine.queue_depth == 0
+    assert len(set(expected[2])) > 10  # the comparison is only meaningful if the text varies
+
+
+def test_early_finishes_free_their_slots_and_leave_the_others_unchanged(model):
+    prompts = [prompt(n, seed=3) for n in (4, 11, 25, 6)]
+    plain = [lone(model, p, 40) for p in prompts]
+    stops = [{plain[0][5]}, {plain[1][2]}, set(), set()]  # two rows stop early, at a token of their own
+    expected = [lone(model, p, 40, stop_ids=s) for p, s in zip(prompts, stops, strict=True)]
+    engine = Engine(model, slots=2, max_len=96, step_tokens=8)
+    reqs = [engine.submit(Request(p, 40, stop_ids=frozenset(s))) for p, s in zip(prompts, stops, strict=True)]
+    run_all(engine)
+    assert [r.tokens for r in reqs] == expected
+    assert reqs[0].finish_reason == "stop" and len(reqs[0].tokens) <= 5
+    assert [r.finish_reason for r in reqs[2:]] == ["length", "length"]
+
+
+def test_cancel_frees_the_slot_within_one_step(model):
+    engine = Engine(model, slots=1, max_len=96, step_tokens=16)
+    a = engine.submit(Request(prompt(5), 80))
+    b = engine.submit(Request(prompt(9), 10))
+    for _ in range(4):
+        engine.step()
+    assert a.tokens and b.slot is None
+    engine.cancel(a)
+    engine.step()
+    assert a.finish_reason == "cancelled" and a.done.is_set() and b.slot == 0
+    run_all(engine)
+    assert b.tokens == lone(model, prompt(9), 10)
+
+
+def test_seeded_sampling_reproduces_whatever_runs_beside_it(model):
+    params = [SamplingParams(temperature=1.0, top_k=50, seed=s) for s in (11, 12)] + \
+             [SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=13)]
+    prompts = [prompt(n, seed=5) for n in (6, 14, 9)]
+    alone = [Engine(model, slots=1, max_len=80).generate([p], 30, [q])[0] for p, q in zip(prompts, params, strict=True)]
+    together = Engine(model, slots=3, max_len=80, step_tokens=4).generate(prompts, 30, params)
+    assert together == alone
+    assert alone[0] == lone(model, prompts[0], 30, temperature=1.0, top_k=50, seed=11)  # generate's stream
+    assert alone[0] != Engine(model, slots=1, max_len=80).generate([prompts[0]], 30, [params[1]])[0]
+
+
+def test_slot_logits_are_bounded_by_a_float64_reference(model):
+    """Teacher forcing: slot 1 decodes 200 tokens (25 wraps) while slot 0 holds another sequence; its logits
+    stay as close to a float64 forward over the whole sequence as a lone session's do."""
+    ref = tiny_model().double()
+    cache = SlotCache(model.config, 2, 256)
+    seq = prompt(5, seed=9)
+    other = prompt(20, seed=10)
+    with torch.inference_mode():
+        for slot, ids in ((0, other), (1, seq)):
+            cache.plan_chunk(slot)
+            model(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
+            cache.lengths[slot] = len(ids)
+        session = Session(model, 1, 256)
+        session.prefill([seq])
+        got, lone_logits = [], []
+        for i in range(200):
+            token = int(ref(torch.tensor([seq]), last_only=True)[0, -1].argmax()) if i % 50 == 0 else (i * 37) % 500 + 3
+            seq.append(token)
+            cache.plan_decode(2)
+            pos = torch.tensor([[cache.lengths[0]], [cache.lengths[1]]])
+            hidden = model.hidden(torch.tensor([[other[i % 20]], [token]]), pos, cache)[:, -1]
+            cache.lengths[0] += 1
+            cache.lengths[1] += 1
+            got.append(model.logits(hidden[1:]).float())
+            lone_logits.append(session.step(torch.tensor([token])))
+        full = ref(torch.tensor([seq]))[0, -200:].float()
+    err_engine = (torch.cat(got) - full).abs().max()
+    err_lone = (torch.cat(lone_logits) - full).abs().max()
+    # float32 against float64 over 6 tiny layers: a few ulps of logits of size ~1, for both paths alike.
+    assert err_engine < 1e-4 and err_lone < 1e-4
+
+
+def test_compiled_decode_step_matches_eager(model):
+    """The GPU path (all slots, static shapes, torch.compile) on CPU with the tracing-only 'eager' backend."""
+    prompts = [prompt(n, seed=2) for n in (3, 19, 10)]
+    torch._dynamo.reset()
+    compiled = Engine(model, slots=2, max_len=64, step_tokens=8, compile="eager").generate(prompts, 30)
+    assert compiled == [lone(model, p, 30) for p in prompts]
+
+
+def test_bfloat16_serves_and_starts_like_its_lone_run():
+    """bfloat16 keeps 8 bits of mantissa: a differently shaped product can flip a near-tie, after which texts
+    part. So this checks what holds by construction: each request runs to its length in its own slot, and
+    the prefill (the same tokens in one chunk each way) gives the lone run's first token."""
+    m = tiny_model().to(torch.bfloat16)
+    prompts = [prompt(n, seed=4) for n in (5, 13)]
+    got = Engine(m, slots=2, max_len=64, step_tokens=64).generate(prompts, 25)
+    assert [len(t) for t in got] == [25, 25]
+    assert [t[0] for t in got] == [lone(m, p, 1)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("kernel", ["int8", "int8-wo"])
+def test_int8_models_serve(kernel):
+    from nanogemma.quantize import quantize_model
+
+    m = tiny_model()
+    quantize_model(m, kernel)
+    prompts = [prompt(n, seed=6) for n in (5, 13)]
+    got = Engine(m, slots=2, max_len=64, step_tokens=8).generate(prompts, 20)
+    assert [len(t) for t in got] == [20, 20]
+    if kernel == "int8-wo":  # rows stay independent; dynamic int8 shares one activation scale per batch
+        assert got == [lone(m, p, 20) for p in prompts]
+
+
+def test_bad_requests_and_a_full_queue(model):
+    engine = Engine(model, slots=1, max_len=32, max_queue=1)
+    with pytest.raises(NanogemmaError, match="empty"):
+        engine.submit(Request([], 5))
+    with pytest.raises(NanogemmaError, match="context holds 32"):
+        engine.submit(Request(prompt(30), 3))
+    with pytest.raises(NanogemmaError, match="temperature"):
+        engine.submit(Request(prompt(3), 3, SamplingParams(temperature=-1)))
+    engine.submit(Request(prompt(3), 3))  # takes the slot at the next step
+    engine.submit(Request(prompt(4), 3))  # waits
+    with pytest.raises(QueueFull):
+        engine.submit(Request(prompt(5), 3))
+    run_all(engine)
+    assert engine.stats.finished["length"] == 2
+
+
+def test_a_failing_step_fails_its_requests_not_the_engine(model, monkeypatch):
+    import threading
+
+    engine = Engine(model, slots=2, max_len=64)
+    req = engine.submit(Request(prompt(5), 10))
+    calls = {"n": 0}
+    real = engine._decode
+
+    def broken(decoding):
+        calls["n"] += 1
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "_decode", broken)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    assert req.done.wait(10) and req.finish_reason == "error" and "out of memory" in req.error
+    monkeypatch.setattr(engine, "_decode", real)
+    ok = engine.submit(Request(prompt(5), 10))
+    assert ok.done.wait(10)
+    stop.set()
+    engine.wake()
+    thread.join(5)
+    assert ok.tokens == lone(model, prompt(5), 10)
+
+
+@pytest.mark.slow
+def test_real_model_past_the_window_beside_a_short_request(model_and_tok):
+    model, tok = model_and_tok
+    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(36))
+    long_ids = tok.encode(text)
+    assert len(long_ids) > 520  # past the 512-token window
+    short_ids = tok.encode("The capital of France is")
+    engine = Engine(model, slots=2, max_len=560, step_tokens=192)  # the long prompt takes 3 chunks
+    got = engine.generate([short_ids, long_ids], 4)
+    assert got == [lone(model, short_ids, 4), lone(model, long_ids, 4)]
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(model):
+    """While a 200-token prompt is fed in chunks, the decoding requests still get a token every step."""
+    engine = Engine(model, slots=3, max_len=256, step_tokens=16)
+    short = [engine.submit(Request(prompt(n, seed=8), 40)) for n in (3, 7)]
+    while not all(r.tokens for r in short):
+        engine.step()
+    long = engine.submit(Request(prompt(200, seed=8), 5))
+    steps = 0
+    while not long.tokens:
+        before = [len(r.tokens) for r in short]
+        engine.step()
+        steps += 1
+        assert [len(r.tokens) for r in short] == [b + 1 for b in before]  # nobody waited for the prefill
+    assert steps >= 200 // 16  # the prompt took many steps, at most 14 prompt tokens each
+    run_all(engine)
+    assert long.tokens == lone(model, prompt(200, seed=8), 5)
+    assert [r.tokens for r in short] == [lone(model, prompt(n, seed=8), 40) for n in (3, 7)]
