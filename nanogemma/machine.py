@@ -48,7 +48,8 @@ def cpu_info() -> dict:
     info = {"model": model, "cores": os.cpu_count(), "isa": [name for flag, name in ISA_FLAGS.items() if flag in flags]}
     torch = __import__("sys").modules.get("torch")
     info["torch_isa"] = torch.backends.cpu.get_cpu_capability() if torch is not None else None
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+                                  "XLA_FLAGS") if k in os.environ}
     if env:
         info["isa_limits"] = env
     return info
