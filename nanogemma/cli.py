@@ -41,8 +41,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="a preset name (gemma3-270m, the default), a .gguf file, a Hugging Face folder "
-                        "(config.json + safetensors + tokenizer) or a nanogemma run folder")
+                   help="a preset name (gemma3-270m, the default), a Hugging Face repository id "
+                        "(google/gemma-3-270m-it: downloaded once into the hub cache), a .gguf file, a Hugging "
+                        "Face folder (config.json + safetensors + tokenizer) or a nanogemma run folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and activations dtype (float16 overflows in Gemma 3; not offered)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -307,7 +308,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                                    "token by layer type and at a chosen context, and the FLOPs per token.")
     p.add_argument("--model", default=None,
                    help="a preset name (gemma3-270m, the default, gemma3-1b, -4b, -12b, -27b, tiny: other presets "
-                        "need no weights), a .gguf file, a Hugging Face folder or a nanogemma run folder")
+                        "need no weights), a Hugging Face repository id, a .gguf file, a Hugging Face folder or a "
+                        "nanogemma run folder")
     p.add_argument("--context", type=int, default=None,
                    help="context length for the KV-cache and FLOPs figures (default: the model's maximum)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

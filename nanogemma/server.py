@@ -154,8 +154,14 @@ def chat_prompt(messages: Any) -> str:
 
 def load_chat_template(model: str | None) -> str | None:
     """A Hugging Face folder's own chat template (`chat_template.jinja`, else `tokenizer_config.json`'s)."""
-    if model is None or not Path(model).is_dir():
+    if model is None:
         return None
+    if not Path(model).is_dir():  # a hub repository id: its snapshot folder (already fetched by the load)
+        from .weight_files import HUB_ID, resolve_model
+
+        if not HUB_ID.fullmatch(str(model).removeprefix("hf:")):
+            return None
+        model = str(resolve_model(model)[1])
     folder = Path(model)
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")

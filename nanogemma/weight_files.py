@@ -4,7 +4,7 @@ The PyTorch loaders (`weights.py`) and the JAX loaders (`jax/load.py`) share eve
 maps, the path rules and the GGUF conversions are written once and `nanogemma.jax` runs without torch.
 
 * names: nanogemma <- GGUF <- Hugging Face, per layer and for the top-level tensors;
-* paths: `resolve_model` turns a model name or path into ('gguf' | 'hf' | 'run', path);
+* paths: `resolve_model` turns a model name, path or Hugging Face repository id into ('gguf' | 'hf' | 'run', path);
 * GGUF: `read_gguf_arrays` parses and dequantises into float32 numpy arrays, with two conversions besides
   dequantisation: dimensions are listed fastest-first (so reversed from PyTorch's), and llama.cpp stores
   RMSNorm weights as `1 + w`, where our norms hold `w`;
@@ -351,7 +351,8 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def resolve_model(name_or_path: str | Path | None) -> tuple[str, Path]:
-    """-> (kind, path) with kind one of 'gguf', 'hf', 'run'."""
+    """-> (kind, path) with kind one of 'gguf', 'hf', 'run'. A name that is not a file or folder here but
+    looks like a Hugging Face repository id ("google/gemma-3-270m-it", or "hf:ID") is the hub's snapshot."""
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return "gguf", default_gguf_path()
     p = Path(name_or_path).expanduser()
@@ -369,7 +370,50 @@ def resolve_model(name_or_path: str | Path | None) -> tuple[str, Path]:
             return "gguf", ggufs[0]
         raise NanogemmaError(f"{p} holds no config.json, nanogemma.json or single .gguf file")
     if str(name_or_path) in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b"):
-        raise NanogemmaError(f"'{name_or_path}' has no bundled weights: download its Hugging Face folder "
-                             "and pass --model PATH")
+        raise NanogemmaError(f"'{name_or_path}' has no bundled weights: pass a Hugging Face repository id "
+                             f"(e.g. google/gemma-3-{str(name_or_path)[7:]}-it) or a downloaded folder")
+    repo_id = str(name_or_path).removeprefix("hf:")
+    if HUB_ID.fullmatch(repo_id):
+        return resolve_model(hub_snapshot(repo_id))
     raise NanogemmaError(f"model not found: '{name_or_path}' is neither a known model name "
-                         f"({DEFAULT_MODEL}) nor an existing file or folder")
+                         f"({DEFAULT_MODEL}), a Hugging Face repository id (org/name) nor an existing file or folder")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # "google/gemma-3-270m-it"
+# What a Gemma 3 text model needs from its repository (not the original-format or GGUF duplicates).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a Hugging Face repository, through `huggingface_hub`: its cache (HF_HOME,
+    HF_HUB_CACHE), HF_HUB_OFFLINE and the token from the environment (HF_TOKEN) are the library's own, and
+    online it downloads what is missing with its progress bar. Offline and not cached: one clear error."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:
+        raise NanogemmaError(f"'{repo_id}' looks like a Hugging Face repository id, which needs huggingface_hub: "
+                             "pip install huggingface_hub") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise NanogemmaError(f"{repo_id} is gated: accept its license on huggingface.co, then set HF_TOKEN "
+                             "(or run `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise NanogemmaError(f"{repo_id}: no such Hugging Face repository (or it is private: set HF_TOKEN); "
+                             "and no such file or folder here") from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise NanogemmaError(f"'{repo_id}' is no file or folder here, and as a Hugging Face repository it is not "
+                             f"in the hub cache ({constants.HF_HUB_CACHE}) while {why}: download it once "
+                             "online, or pass a local folder") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise NanogemmaError(f"{repo_id}: could not download it from the Hugging Face hub "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -44,3 +44,23 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nanogemma", *args], input=stdin, capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # tiny models
+
+
+def write_hub_cache(cache: Path, repo_id: str, files: Path, commit: str = "0" * 40) -> Path:
+    """A Hugging Face hub cache as `huggingface_hub` lays it out and reads it offline:
+    `models--ORG--NAME/refs/main` (the commit), `blobs/` (the contents) and `snapshots/COMMIT/` (links to the
+    blobs). The files are those of the folder `files`; returns the snapshot folder."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for f in sorted(files.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        if not blob.exists():
+            blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot

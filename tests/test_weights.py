@@ -237,3 +237,37 @@ def test_file_digest_is_remembered_until_the_file_changes(tmp_path):
     weight_files._digest.cache_clear()
     assert weight_files.file_digest(f) == real
     assert json.loads(index_file.read_text())[str(f.resolve())]["sha256"] == real
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline huggingface_hub whose cache is a fresh folder (as HF_HUB_CACHE + HF_HUB_OFFLINE=1 would set;
+    the library reads those variables once, at import, so its constants are set instead)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hub_repository_ids_resolve_through_the_hub_cache(tmp_path, tiny, hub_cache, capsys):
+    from helpers import write_hub_cache
+
+    from nanogemma.cli import main
+    from nanogemma.weight_files import resolve_model
+
+    cfg, state = tiny
+    snapshot = write_hub_cache(hub_cache, "someone/gemma-3-tiny-it", _hf_folder(tmp_path / "hf", cfg, state))
+    for name in ("someone/gemma-3-tiny-it", "hf:someone/gemma-3-tiny-it"):
+        assert resolve_model(name) == ("hf", snapshot)
+    got_cfg, got, path = load_state("someone/gemma-3-tiny-it")
+    assert got_cfg == cfg and path == snapshot and all(torch.equal(got[k], state[k]) for k in state)
+    assert main(["inspect", "--model", "someone/gemma-3-tiny-it"]) == 0  # the commands take it as --model
+    assert str(snapshot) in capsys.readouterr().out
+    # Offline and not cached: one line that says where it looked and what to do, for every command.
+    assert main(["inspect", "--model", "someone/absent-it"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "someone/absent-it" in err and str(hub_cache) in err
+    assert "HF_HUB_OFFLINE is set" in err and "download it once online" in err

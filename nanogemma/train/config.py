@@ -49,7 +49,8 @@ class TrainConfig:
                       "name>", default="")
     preset: str = _s("named bundle of settings applied before the file and flags: tiny, small, gemma3-270m, "
                      "finetune", default="small")
-    init_from: str = _s("'scratch' for random weights, or a model to continue training: gemma3-270m, a .gguf, "
+    init_from: str = _s("'scratch' for random weights, or a model to continue training: gemma3-270m, a Hugging Face "
+                        "repository id, a .gguf, "
                         "a Hugging Face folder or a nanogemma run folder", default=SCRATCH)
     resume: bool = _s("continue the run in out_dir from its last checkpoint, exactly", default=False)
     # ---- the model (ignored with init_from: the loaded model has its own shape)
