@@ -83,3 +83,32 @@ def test_gpt2_run_folder_tokenizer_equals_tiktoken(tmp_path, gpt2_tiktoken_file)
     assert tok.encode("Hi")[0] == tok.bos_id == 50256  # a prompt starts where a document would
     # Like Gemma's tokenizer, a prompt may name special tokens; the data pipeline keeps them as text.
     assert tok.encode("<|endoftext|>", add_bos=False) == [50256]
+
+
+@pytest.mark.slow
+def test_default_model_export_carries_its_tokenizer_and_chat_template(model_and_tok, tmp_path, capsys):
+    """`nanogemma export gemma3-270m --to hf DIR`: the GGUF holds its tokenizer inside; the export writes it
+    out with Gemma's chat template, so transformers and nanogemma both load DIR and agree with the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanogemma.chat import Chat
+
+    out = tmp_path / "hf"
+    assert cli.main(["export", "gemma3-270m", "--to", "hf", str(out), "--dtype", "bfloat16"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    model, tok = model_and_tok
+    back, back_tok = nanogemma.load(out)
+    ref_tok = AutoTokenizer.from_pretrained(out)
+    text = "Hello <start_of_turn>world\n  ¿Qué? 日本語"
+    assert tok.encode(text) == back_tok.encode(text) == ref_tok(text).input_ids
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    rendered = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ref_tok(rendered, add_special_tokens=False).input_ids == \
+        Chat(model, tok, system="Be brief.", context=64).turn_tokens("Hi there")
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        ours, theirs = back(x), ref(input_ids=x).logits  # the same bfloat16 weights, computed in float32
+    assert (ours - theirs).abs().max().item() < 1e-3 * theirs.abs().max().item()
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eos_id

@@ -9,7 +9,10 @@ The output folder is what `transformers.AutoModelForCausalLM.from_pretrained(OUT
   store RMSNorm weights as offsets from one, so no value changes: only names do. A tied head is stored
   once, as the embedding, and `tie_word_embeddings` tells transformers to reuse it;
 * `generation_config.json` — the bos / eos / pad ids;
-* the tokenizer files the run folder holds (`tokenizer.json`, `tokenizer_config.json`, ...).
+* the tokenizer files the source holds (`tokenizer.json`, `tokenizer_config.json`, ...), or for a GGUF
+  (the default model is one) the tokenizer inside it, written in the Hugging Face format. A Gemma
+  tokenizer (one with `<start_of_turn>` / `<end_of_turn>`) without a chat template gets Gemma's, so
+  `apply_chat_template` works on the export.
 
 The source can be any model `nanogemma.load` reads: a run folder (its best model), a checkpoint inside it
 (`RUN_DIR/last`), a Hugging Face folder or a GGUF file. The folder is assembled under a temporary name and
@@ -31,7 +34,8 @@ from ..config import to_hf_config
 from ..errors import NanogemmaError
 
 FORMATS = ("hf",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
 
 
 def _special_ids(source: Path) -> dict[str, int]:
@@ -58,21 +62,18 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
     cfg, state, path = load_state(source)
     tok_source = path if path.is_dir() else path.parent
     hf = to_hf_config(cfg)
-    special = _special_ids(tok_source) if any((tok_source / f).is_file() for f in TOKENIZER_FILES) else {}
-    hf.update(special)
     hf["torch_dtype"] = dtype
     weights = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in hf_state_dict(state).items()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
+        copied = _write_tokenizer(tmp, tok_source, path)
+        hf.update(_special_ids(tmp) if copied else {})
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        copied = [f for f in TOKENIZER_FILES if (tok_source / f).is_file()]
-        for f in copied:
-            shutil.copy2(tok_source / f, tmp / f)
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)
@@ -86,3 +87,42 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
         print(f"nanogemma: warning: {tok_source} holds no tokenizer files; {out_dir} has none either",
               flush=True)
     return out_dir
+
+
+def _write_tokenizer(tmp: Path, tok_source: Path, path: Path) -> list[str]:
+    """The source's tokenizer files into `tmp` (a GGUF's own tokenizer, written out, when there are none),
+    with a chat template; returns the names written (none when the source has no tokenizer)."""
+    from ..tokenizer import load_tokenizer
+
+    copied = [f for f in TOKENIZER_FILES if (tok_source / f).is_file()]
+    for f in copied:
+        shutil.copyfile(tok_source / f, tmp / f)  # follows a hub snapshot's links to the blobs
+    tok = None
+    if not copied and path.is_file() and path.suffix == ".gguf":
+        try:
+            tok = load_tokenizer(path)
+        except NanogemmaError:  # a GGUF without a tokenizer: warned about below
+            return []
+        tok.save(tmp)
+        copied = sorted(p.name for p in tmp.iterdir())
+    if copied:
+        _add_chat_template(tmp, tok)
+    return copied
+
+
+def _add_chat_template(folder: Path, tok=None) -> None:
+    """Give a Gemma tokenizer without a chat template Gemma's (the turns `nanogemma chat` feeds; a GGUF's
+    own template is not read, since parsing its metadata means parsing the whole vocabulary). Tokenizers
+    without Gemma's turn tokens (GPT-2, bpe:N data) get none."""
+    from ..tokenizer import load_tokenizer
+    from .export_gguf import GEMMA_CHAT_TEMPLATE
+
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if config.get("chat_template") or (folder / "chat_template.jinja").is_file():
+        return
+    tok = tok or load_tokenizer(folder)
+    if None in (tok.start_of_turn_id, tok.end_of_turn_id):
+        return
+    config["chat_template"] = GEMMA_CHAT_TEMPLATE
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
