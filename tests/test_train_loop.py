@@ -198,3 +198,30 @@ def test_bfloat16_autocast_keeps_float32_master_weights(data, tmp_path):
 
     with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
         assert all(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
+
+
+def test_log_lines_without_a_terminal(data, tmp_path, capsys, monkeypatch):
+    """Under tee / nohup / a log file (stdout not a terminal) every log_every steps prints a plain line; with
+    a progress bar on the terminal the bar shows the figures and no line is printed."""
+    import io
+
+    from nanogemma.train.monitor import Monitor
+
+    run(data, tmp_path / "run", max_steps=4, log_every=2, eval_every=0, sample_tokens=0, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("loss " in line and "lr " in line and "tokens/s" in line for line in lines)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stdout_tty in (True, False):
+        out, err = (Terminal() if stdout_tty else io.StringIO()), Terminal()
+        monkeypatch.setattr("sys.stdout", out)
+        monkeypatch.setattr("sys.stderr", err)
+        m = Monitor(tmp_path / "run", True, 10, 0, progress=True, tensorboard=False)
+        assert m.bar is not None and not m.bar.disable
+        m.log("step 1/10: loss 1")
+        m.close()
+        assert ("step 1/10: loss 1" in out.getvalue()) is not stdout_tty

@@ -275,6 +275,8 @@ class Loop:
                 mfu = tps * self.flops_per_token / self.peak if self.peak else None
                 monitor.record("train", self.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=self.tokens,
                                tokens_per_s=tps, mfu=mfu, skipped=r.skipped, time=round(result.seconds, 3))
+                monitor.log(f"step {self.step}/{cfg.max_steps}: loss {r.loss:.4f}, lr {lr:.2e}, grad norm "
+                            f"{r.grad_norm:.3g}, {tps:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else ""))
                 window_time, window_tokens = 0.0, 0
             self.evaluate_and_checkpoint(result)
         result.step, result.tokens, result.best_val_loss = self.step, self.tokens, self.best_val

@@ -106,6 +106,19 @@ class Monitor:
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
 
+    def log(self, text: str) -> None:
+        """A training log line, every `log_every` steps: to stdout when it is not a terminal (a log file,
+        `tee`, `nohup`), or when no progress bar is shown; a bar on the terminal shows the same figures."""
+        if not self.enabled:
+            return
+        bar_shown = self.bar is not None and not self.bar.disable
+        if bar_shown and sys.stdout.isatty():
+            return
+        if bar_shown:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
     def say(self, text: str) -> None:
         """A line for the user, above the progress bar if there is one."""
         if not self.enabled:
