@@ -225,3 +225,33 @@ def test_log_lines_without_a_terminal(data, tmp_path, capsys, monkeypatch):
         m.log("step 1/10: loss 1")
         m.close()
         assert ("step 1/10: loss 1" in out.getvalue()) is not stdout_tty
+
+
+def test_help_shows_the_preset_values_and_the_run_folder_its_size(data, tmp_path, capsys):
+    """`train --help` shows what a run without flags uses (the default preset's values, named); the run
+    folder stores what `best` and `last` share once, and the end of the run says its size."""
+    import os
+
+    from nanogemma import cli
+    from nanogemma.train.checkpoint import disk_usage
+    from nanogemma.train.config import FIELDS, PRESETS_TRAIN
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    preset = FIELDS["preset"].default
+    for name in ("max_steps", "lr", "warmup_steps"):
+        assert f"(default: {PRESETS_TRAIN[preset][name]}, from preset {preset})" in text, name
+    assert f"(default: {FIELDS['weight_decay'].default})" in text  # one the preset leaves alone
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--out-dir", str(out), "--preset", "tiny", "--max-steps", "4",
+                     "--eval-every", "4", "--progress=false", "--tensorboard=false", "--sample-tokens=0"]) == 0
+    done = capsys.readouterr().out
+    for f in ("model.safetensors", "trainer.pt"):  # best is last here: the same files, once
+        assert os.path.samefile(out / "best" / f, out / "last" / f)
+    assert os.path.samefile(out / "model.safetensors", out / "best" / "model.safetensors")
+    naive = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = disk_usage(out)
+    assert size <= naive - 2 * (out / "model.safetensors").stat().st_size
+    assert f"{size / 1000:.1f} KB on disk" in done or f"{size / 1e6:.1f} MB on disk" in done

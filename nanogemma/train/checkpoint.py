@@ -12,7 +12,9 @@
 
 A checkpoint folder holds `nanogemma.json`, `model.safetensors` (float32 master weights, nanogemma
 names), `trainer.pt` (optimizer, schedule, step, random-generator, data-sampler and gradient-scaler state)
-and links to the tokenizer files, so `--model RUN_DIR/last` works too.
+and links to the tokenizer files, so `--model RUN_DIR/last` works too. While `best` is the `last` checkpoint
+its files are hard links to `last`'s, and the run folder's model files are links too: nothing identical is
+stored twice, and the end of a run prints the folder's size (`disk_usage`).
 
 **Atomic writes.** A checkpoint is written whole into `.tmp-<name>/`, then swapped in with two renames:
 `last` -> `.old-last`, `.tmp-last` -> `last`, then `.old-last` is deleted. A crash can leave `.tmp-last`
@@ -127,6 +129,20 @@ def publish(run_dir: Path, checkpoint: Path) -> None:
     """Make RUN_DIR itself load as `checkpoint`'s model: weights first, then the metadata that describes them."""
     _link_or_copy(checkpoint / WEIGHTS, run_dir / WEIGHTS)
     _link_or_copy(checkpoint / MODEL_META, run_dir / MODEL_META)
+
+
+def disk_usage(run_dir: Path) -> int:
+    """Bytes the run folder takes, each file counted once however many names link to it (`best` and
+    `last` share their files while they are the same checkpoint, and RUN_DIR's model is a link)."""
+    seen, total = set(), 0
+    for f in Path(run_dir).rglob("*"):
+        if f.is_symlink() or not f.is_file():
+            continue
+        st = f.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

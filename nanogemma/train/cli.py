@@ -11,7 +11,9 @@ from .config import FIELDS, _field_type, flag_help, preset_table
 DESCRIPTION = """\
 Train Gemma 3 from scratch on a prepared dataset, or continue training a model (--init-from).
 Settings resolve as: defaults < --preset < --config FILE.toml < flags (each flag is --key=value; booleans
-also as a bare --key). The resolved settings are saved as RUN_DIR/train.toml. Presets:
+also as a bare --key). The defaults shown are what a run without flags uses: the default preset's
+values where it sets them ("from preset small"). The resolved settings are saved as RUN_DIR/train.toml.
+Presets:
 """
 
 EPILOG = """\
@@ -71,7 +73,17 @@ def run(args: argparse.Namespace) -> int:
     then = (f"nanogemma generate --model {out} [--backend jax]" if jax else
             f"nanogemma generate --model {out}; plot: nanogemma plot {out}; "
             f"export: nanogemma export {out} --to hf OUT_DIR")
+    from .checkpoint import disk_usage
+
     print(f"done: {result.step} steps, {result.tokens:,} tokens{val}, {result.tokens_per_s:,.0f} tokens/s\n"
-          f"model: {out}  ({then})")
+          f"model: {out}, {_size(disk_usage(out))} on disk (best and last share what is identical)  ({then})")
     return 0
 
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -351,12 +351,15 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GemmaConfig:
 
 
 def flag_help(name: str) -> str:
-    """The --help line of a setting: its help text and its default."""
+    """The --help line of a setting: its help text and the value a run without flags uses, which for the
+    settings the default preset sets is the preset's (and says so), not the dataclass default."""
     f = FIELDS[name]
-    default = f.default
+    preset = FIELDS["preset"].default
+    from_preset = name in PRESETS_TRAIN[preset]
+    default = PRESETS_TRAIN[preset][name] if from_preset else f.default
     shown = "from the shape" if default is None else ("''" if default == "" else str(default).lower()
                                                        if isinstance(default, bool) else default)
-    return f"{f.metadata['help']} (default: {shown})"
+    return f"{f.metadata['help']} (default: {shown}{f', from preset {preset}' if from_preset else ''})"
 
 
 def preset_table() -> str:
