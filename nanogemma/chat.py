@@ -14,15 +14,19 @@ Messages are stripped of surrounding whitespace, as the template does.
 
 Each turn feeds the cache only what is new: the end of the previous reply, the user's message and the
 `<start_of_turn>model\\n` header. The reply's own tokens were fed while it was generated, so earlier turns
-are never recomputed. A reply ends at <end_of_turn> (or <eos>, which base models may emit instead);
+are never recomputed. A reply ends at <end_of_turn> (or <eos>, which base models may emit instead, or
+<start_of_turn>, or for a base model a stop string of `TURN_STOPS`: where it starts a turn of its own);
 whichever way it ended, the next turn first closes it with `<end_of_turn>\\n`, so the history the model
 sees always has the template's shape.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -38,6 +42,39 @@ from .speculative import DraftHead, Speculation, SpeculativeDecoder
 # Gemma's recommended sampling for chat; plain greedy decoding tends to loop in long replies.
 CHAT_DEFAULTS = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)
 DEFAULT_CONTEXT = 8192  # tokens of history kept per conversation (the cache is preallocated for it)
+# A base (pretrained) model was never taught where a reply ends: it runs on into a next turn of its own,
+# written as the template's "<start_of_turn>user\n" or as the bare word (what the 270M writes). A reply
+# stops there. An instruction-tuned model ends on <end_of_turn> and never writes these.
+TURN_STOPS = ("<start_of_turn>", "\nuser\n", "user\n")
+INSTRUCT_MODEL = "google/gemma-3-270m-it"  # what to use instead of a base model, for chat
+
+
+def model_kind(name: str | None, path: Path) -> tuple[bool, str]:
+    """(instruction-tuned?, why) as the model's files tell: Gemma names the tuned checkpoints "-it" (and
+    the pretrained ones "-pt" or nothing); otherwise a chat template in the tokenizer files says tuned.
+    A run folder is what it was trained from (from scratch: base)."""
+    path = Path(path)
+    if (path / "nanogemma.json").is_file():
+        try:
+            init = json.loads((path / "nanogemma.json").read_text(encoding="utf-8"))["train"]["init_from"]
+        except (OSError, ValueError, KeyError, TypeError):
+            init = "scratch"
+        if init in (None, "", "scratch"):
+            return False, "trained from scratch by nanogemma"
+        tuned, why = model_kind(str(init), Path(str(init)))
+        return tuned, f"fine-tuned from {init}, {why}"
+    names = [n for n in (name, path.name, *(p.name for p in path.parents if p.name.startswith("models--"))) if n]
+    for n in names:
+        if re.search(r"(^|[-_.])(it|instruct|chat)([-_.]|$)", n.lower()):
+            return True, f"its name {n} says instruction-tuned"
+    for n in names:
+        if re.search(r"(^|[-_.])pt([-_.]|$)", n.lower()) or re.search(r"gemma-?3", n.lower()):
+            return False, f"its name {n} has no -it"
+    folder = path if path.is_dir() else path.parent
+    for f in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / f).is_file() and (f.endswith(".jinja") or "chat_template" in (folder / f).read_text("utf-8")):
+            return True, f"{f} holds a chat template"
+    return False, "no chat template and no -it in its name"
 
 
 class Chat:
@@ -45,7 +82,8 @@ class Chat:
 
     def __init__(self, model: Gemma, tok, system: str | None = None, params: SamplingParams | None = None,
                  max_new_tokens: int = 1024, context: int | None = None, compile: bool | str = False,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None,
+                 stop: Sequence[str] = ()):
         self.model, self.tok = model, tok
         self.system = system.strip() if system and system.strip() else None
         self.params = (params or CHAT_DEFAULTS).validate()
@@ -58,6 +96,9 @@ class Chat:
                                spare=speculation.draft_tokens if speculation else 0)
         self.draft = DraftHead(model, speculation.common_ids) if speculation else None
         self.stop_ids = stop_ids_for(tok)
+        if tok.start_of_turn_id is not None:  # a reply never opens a turn: a model that does has gone on too long
+            self.stop_ids.add(tok.start_of_turn_id)
+        self.stop = list(stop)  # stop strings (TURN_STOPS for a base model): the reply ends before them
         self.reset()
 
     def reset(self) -> None:
@@ -97,7 +138,7 @@ class Chat:
         logits = self.session.prefill([ids])
         self.fed += ids
         self.turns += 1
-        text = TextStream(self.tok)
+        text = TextStream(self.tok, self.stop)
         self.pending = None
         tokens = self._reply_tokens(ids, logits, min(self.max_new_tokens, room))
         try:
@@ -110,6 +151,8 @@ class Chat:
                 piece = text.push(token)
                 if piece and stream:
                     stream(piece)
+                if text.stopped:
+                    break
         finally:
             tokens.close()  # a speculative decoder takes back the drafts it fed past the last token used
         tail = text.flush()
@@ -131,11 +174,13 @@ class Chat:
                 logits = self.session.step(token)
 
 
-HELP = "Type a message and press Enter. Commands: /reset (forget the conversation), /exit (or Ctrl-D)."
+HELP = ("Type a message and press Enter. Commands: /help (this list), /reset (forget the conversation), "
+        "/exit (or /quit, Ctrl-D); Ctrl-C stops a reply.")
 
 
-def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO = sys.stdout, prompt: str = "> ") -> int:
-    """The interactive loop: read a line, stream the reply; /reset and /exit. Returns the exit status."""
+def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = None, prompt: str = "> ") -> int:
+    """The interactive loop: read a line, stream the reply; /help, /reset and /exit. Returns the exit status."""
+    out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
     print(HELP, file=out, flush=True)
     while True:
         try:
@@ -148,6 +193,9 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO = sys.s
             continue
         if command in ("/exit", "/quit"):
             return 0
+        if command in ("/help", "/?"):
+            print(HELP, file=out, flush=True)
+            continue
         if command == "/reset":
             chat.reset()
             print("(conversation reset)", file=out, flush=True)

@@ -73,9 +73,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, to
                         top_p: float | None = None) -> None:
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"0 for greedy decoding; > 0 samples from softmax(logits / T) (default {temperature})")
-    p.add_argument("--top-k", type=int, default=top_k, help="sample only among the K most likely tokens")
+    p.add_argument("--top-k", type=int, default=top_k, help="sample only among the K most likely tokens"
+                   + (f" (default {top_k})" if top_k is not None else " (default: all)"))
     p.add_argument("--top-p", type=float, default=top_p,
-                   help="sample only among the smallest set of tokens whose probability reaches P")
+                   help="sample only among the smallest set of tokens whose probability reaches P"
+                   + (f" (default {top_p})" if top_p is not None else " (default: off)"))
     p.add_argument("--min-p", type=float, default=None,
                    help="drop tokens less likely than P times the most likely one")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
@@ -204,7 +206,11 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk with a model in the terminal (Gemma's chat template)",
                        description="An interactive chat: each reply streams as it is generated, and the "
                                    "conversation stays in the KV cache, so earlier turns are not recomputed. "
-                                   "Commands: /reset, /exit. Best with an instruction-tuned (-it) model.")
+                                   "Commands: /help, /reset, /exit. Replies are sampled as Gemma recommends "
+                                   "(temperature 1.0, top-k 64, top-p 0.95; the sampling flags below change it). "
+                                   "Made for an instruction-tuned model (--model google/gemma-3-270m-it); the "
+                                   "bundled gemma3-270m is a base model, whose replies stop where it starts "
+                                   "writing a new turn.")
     _add_model_flags(p)
     _add_speed_flags(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
@@ -217,14 +223,30 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from .chat import Chat, run_chat
+    from .chat import INSTRUCT_MODEL, TURN_STOPS, Chat, model_kind, run_chat
 
     params = _sampling(args)
     if args.context is not None and args.context < 16:
         raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
+    from .weight_files import resolve_model
+
+    path = resolve_model(args.model)[1]
+    tuned, why = model_kind(args.model, path)
     model, tok = _load_for_inference(args)
+    mode = args.quantize or ("torch.compile" if args.compile else "packed")
+    sampling = ("greedy" if params.greedy else f"temperature {params.temperature:g}"
+                + (f", top-k {params.top_k}" if params.top_k else "") + (f", top-p {params.top_p:g}" if params.top_p
+                                                                         else ""))
+    print(f"nanogemma chat: {args.model or path.name} ({args.dtype}, {args.device}, {mode}"
+          f"{', speculative' if args.speculate else ''}; {sampling}): "
+          f"{'instruction-tuned' if tuned else 'a base model'} ({why})", file=sys.stderr, flush=True)
+    if not tuned:
+        print(f"  a base model continues text and was never taught to answer, so replies may ramble or repeat; "
+              f"they stop where it starts a new turn. For a chat model: --model {INSTRUCT_MODEL}",
+              file=sys.stderr, flush=True)
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
-                context=args.context, compile=args.compile, speculation=_speculation(args, tok))
+                context=args.context, compile=args.compile, speculation=_speculation(args, tok),
+                stop=() if tuned else TURN_STOPS)
     return run_chat(chat)
 
 

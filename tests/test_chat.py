@@ -141,3 +141,62 @@ def test_speculative_chat_equals_plain_chat(model, tok, stop_early):
     with torch.inference_mode():
         nxt = torch.tensor([plain.pending])
         torch.testing.assert_close(fast.session.step(nxt), plain.session.step(nxt), rtol=0, atol=1e-4)
+
+
+def test_model_kind_from_the_files(tmp_path):
+    """Base or instruction-tuned, as the files say: Gemma's -it names, else a chat template; a run folder is
+    what it was trained from."""
+    import json
+
+    from nanogemma.chat import model_kind
+
+    hub = tmp_path / "models--google--gemma-3-270m-it" / "snapshots" / "abc"
+    hub.mkdir(parents=True)
+    assert model_kind("google/gemma-3-270m-it", hub)[0] is True
+    assert model_kind(None, hub)[0] is True  # the hub cache folder keeps the name
+    assert model_kind(None, tmp_path / "gemma-3-270m-q4_k_m.gguf") == (False, "its name gemma-3-270m-q4_k_m.gguf "
+                                                                              "has no -it")
+    assert model_kind("google/gemma-3-1b-pt", tmp_path)[0] is False
+    plain = tmp_path / "mine"
+    plain.mkdir()
+    assert model_kind(str(plain), plain)[0] is False
+    (plain / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert model_kind(str(plain), plain) == (True, "tokenizer_config.json holds a chat template")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "nanogemma.json").write_text(json.dumps({"train": {"init_from": "scratch"}}))
+    assert model_kind(str(run), run)[0] is False
+    (run / "nanogemma.json").write_text(json.dumps({"train": {"init_from": "google/gemma-3-270m-it"}}))
+    assert model_kind(str(run), run)[0] is True
+
+
+def test_stop_strings_end_a_reply_at_a_new_turn(model, tok):
+    """A base model's reply ends where it starts writing a turn of its own: the text stops before it, and the
+    next turn closes the reply as the template would."""
+    free = Chat(model, tok, params=GREEDY, max_new_tokens=12)
+    full = free.send("Hello")
+    assert len(full) > 4
+    marker = full[2:4]  # a piece of what the model writes, standing in for "user\n"
+    stopped = Chat(model, tok, params=GREEDY, max_new_tokens=12, stop=[marker])
+    pieces = []
+    reply = stopped.send("Hello", stream=pieces.append)
+    assert reply == full[:full.index(marker)] == "".join(pieces)
+    stopped.send("Again")  # the conversation goes on, its cache consistent
+    assert stopped.session.length == len(stopped.fed)
+    assert tok.start_of_turn_id in stopped.stop_ids  # a reply never opens a turn, for any model
+
+
+def test_cli_chat_banner_help_and_flags(tiny_hf, capsys, monkeypatch):
+    from nanogemma import cli as cli_mod
+
+    with pytest.raises(SystemExit):
+        cli_mod.main(["chat", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default 1.0)" in help_text and "(default 64)" in help_text and "(default 0.95)" in help_text
+    monkeypatch.setattr("sys.stdin", io.StringIO("/help\nHello\n/exit\n"))
+    assert cli_mod.main(["chat", "--model", str(tiny_hf), "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    banner = err.splitlines()
+    assert banner[0].startswith(f"nanogemma chat: {tiny_hf} (float32, cpu, packed; temperature 1, top-k 64")
+    assert "a base model" in banner[0] and "--model google/gemma-3-270m-it" in banner[1]
+    assert out.count("/help (this list)") == 2  # on start, and for /help
