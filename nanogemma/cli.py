@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB
@@ -34,8 +35,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
         return path.read_text(encoding="utf-8")
     if args.prompt is not None:
         return args.prompt
-    if not sys.stdin.isatty():
-        return sys.stdin.read()
+    if not sys.stdin.isatty():  # one trailing newline dropped, as shells do for $(...): `echo` adds it
+        text = sys.stdin.read()
+        return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
     raise NanogemmaError("no prompt: pass it as an argument, with --prompt-file, or on standard input")
 
 
@@ -134,7 +136,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="print one JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to the prompt")
     p.add_argument("--backend", default="torch", choices=["torch", "jax"],
-                   help="torch (default) or jax: the same model in JAX, jitted (pip install 'nanogemma[jax]')")
+                   help="torch (default) or jax: the same model in JAX, jitted (pip install 'nanogemma[jax]'); "
+                        "its --seed draws from JAX's random stream, so sampled text differs from PyTorch's")
+    p.add_argument("--stats", "--verbose", "-v", dest="stats", action="store_true",
+                   help="print a timing summary to stderr: prompt and generated tokens, tokens/s")
     p.set_defaults(run=_run_generate)
 
 
@@ -186,11 +191,21 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if getattr(args, "compile", False):
+        print("nanogemma: compiling the decode step (torch.compile: a minute or so the first time; torch keeps "
+              "the compiled kernels in its on-disk cache for later runs)…", file=sys.stderr, flush=True)
     single = len(prompts) == 1 and not args.jsonl
+    totals = {"prompt_tokens": 0, "tokens": 0, "prefill": 0.0, "decode": 0.0}
     for first in range(0, len(prompts), args.batch_size):
         group = prompts[first:first + args.batch_size]
+        timing: dict = {}
         texts = generate_batch(model, tok, group, args.max_new_tokens, params, add_bos=not args.no_bos,
-                               stop=stop, stream=emit if single else None, **extra)
+                               stop=stop, stream=emit if single else None, timing=timing, **extra)
+        end = time.perf_counter()
+        totals["prompt_tokens"] += timing["prompt_tokens"]
+        totals["tokens"] += timing["tokens"]
+        totals["prefill"] += (timing["first"] or end) - timing["start"]
+        totals["decode"] += end - (timing["first"] or end)
         for i, (prompt, text) in enumerate(zip(group, texts, strict=True)):
             if args.jsonl:
                 print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
@@ -199,7 +214,19 @@ def _run_generate(args: argparse.Namespace) -> int:
             else:
                 print(f"=== [{first + i + 1}] {prompt}", flush=True)
                 print(text, end="\n\n", flush=True)
+    if args.stats:
+        print(_timing_summary(totals, len(prompts)), file=sys.stderr, flush=True)
     return 0
+
+
+def _timing_summary(t: dict, prompts: int) -> str:
+    """llama.cpp-style: the prompt's tokens and their rate (prefill, up to the first new token), then the
+    generated tokens and the decode rate (the tokens after the first, over the time after it)."""
+    rate = lambda n, s: f"{n / s:,.1f} tokens/s" if s > 0 else "-"  # noqa: E731
+    total = t["prefill"] + t["decode"]
+    return (f"timing: {prompts} prompt(s), {t['prompt_tokens']:,} prompt tokens in {t['prefill']:.2f} s "
+            f"({rate(t['prompt_tokens'], t['prefill'])}); {t['tokens']:,} generated tokens in {t['decode']:.2f} s "
+            f"after the first ({rate(max(t['tokens'] - prompts, 0), t['decode'])}); total {total:.2f} s")
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -244,6 +271,10 @@ def _run_chat(args: argparse.Namespace) -> int:
         print(f"  a base model continues text and was never taught to answer, so replies may ramble or repeat; "
               f"they stop where it starts a new turn. For a chat model: --model {INSTRUCT_MODEL}",
               file=sys.stderr, flush=True)
+    if args.compile:
+        print("nanogemma: compiling the decode step (torch.compile, at the first reply: a minute or so the first "
+              "time; torch keeps the compiled kernels in its on-disk cache for later runs)…", file=sys.stderr,
+              flush=True)
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
                 context=args.context, compile=args.compile, speculation=_speculation(args, tok),
                 stop=() if tuned else TURN_STOPS)
@@ -258,9 +289,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="as for generate (default: the official 270M GGUF)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--modes", default=None,
-                   help="comma-separated: float32, bfloat16, int8, int8-wo, and any of them with +compile "
-                        "(default float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain "
-                        "and +compile)")
+                   help="comma-separated: float32 (prepacked weights), float32-unpacked (plain PyTorch "
+                        "weights), bfloat16, int8, int8-wo, each optionally with +compile (torch.compile) and/or "
+                        "+spec (self-speculative decoding), e.g. int8+compile+spec (default "
+                        "float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain and +compile)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to decode (default 256)")
     p.add_argument("--compare", default=None, choices=["transformers"],
@@ -564,7 +596,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"nanogemma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_chat(sub)
@@ -581,7 +616,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `nanogemma`: what it can do, not a usage error
+        parser.print_help()
+        return 0
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(e.startswith("-") and e != "-" for e in extra):
+        args.prompt = [*(args.prompt or []), *extra]  # prompts anywhere among the flags: "A" --max-new-tokens 4 "B"
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except NanogemmaError as e:

@@ -7,6 +7,7 @@ incrementally and applies stop strings. Nothing here needs torch or JAX.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -129,13 +130,20 @@ def stop_ids_for(tok) -> set[int]:
 
 
 def stream_text(decoder, tok, rows: int, stop: Sequence[str] = (),
-                stream: Callable[[int, str], None] | None = None) -> list[str]:
+                stream: Callable[[int, str], None] | None = None, timing: dict | None = None) -> list[str]:
     """Turn a decoder's rows of new token ids into text: stop strings, whole characters, `stream(row, piece)`.
 
     Shared by the PyTorch and JAX decoders: anything iterable over rows (None = row finished) with `finish(row)`.
+    `timing`, if given, gets "start", "first" (perf_counter when the first tokens came: prefill done) and
+    "tokens" (new tokens generated), for `generate --stats`.
     """
     streams = [TextStream(tok, stop) for _ in range(rows)]
+    if timing is not None:
+        timing.update(start=time.perf_counter(), first=None, tokens=0)
     for row in decoder:
+        if timing is not None:
+            timing["first"] = timing["first"] or time.perf_counter()
+            timing["tokens"] += sum(t is not None for t in row)
         for b, token in enumerate(row):
             if token is None:
                 continue

@@ -235,8 +235,10 @@ def generate_ids(model: Gemma, ids: list[int], max_new_tokens: int, temperature:
 def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,
                    params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
                    stream: Callable[[int, str], None] | None = None, compile: bool | str = False,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None) -> list[str]:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None,
+                   timing: dict | None = None) -> list[str]:
     """Continue several prompts together; returns the new text of each. `stream(row, piece)` sees text as it comes.
+    `timing`, if given, gets the prompt tokens and the times `decoding.stream_text` records.
 
     Greedy results equal generating each prompt alone: rows are left-padded and the pads masked out.
     """
@@ -244,20 +246,30 @@ def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: in
     pad = getattr(tok, "pad_id", 0) or 0
     decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), compile, prefill_chunk, pad,
                       speculation)
-    return stream_text(decoder, tok, len(prompts), stop, stream)
+    if timing is not None:
+        timing["prompt_tokens"] = sum(map(len, ids))
+    return stream_text(decoder, tok, len(prompts), stop, stream, timing)
 
 
-def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+def generate(model: Gemma, tok, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              add_bos: bool = True, stream: Callable[[str], None] | None = None, *, min_p: float | None = None,
              repetition_penalty: float = 1.0, stop: Sequence[str] = (), compile: bool | str = False,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> str:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> str | list[str]:
     """Continue `prompt`; return the new text only. `stream` is called with each new piece of text.
+    A list of prompts is generated as one batch and gives a list of texts (`stream` is for one prompt).
 
     Stops at <eos>/<end_of_turn>, at the first of the `stop` strings (which is not included), after
     `max_new_tokens`, or at the context limit. Sampling is reproducible with `seed`.
     """
+    many = isinstance(prompt, (list, tuple))
+    prompts = list(prompt) if many else [prompt]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise NanogemmaError(f"generate takes a prompt string or a non-empty list of strings, not {prompt!r:.80}")
+    if many and stream is not None:
+        raise NanogemmaError("stream= is for one prompt; for a list, use generate_batch with stream(row, piece)")
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sink = (lambda _row, piece: stream(piece)) if stream else None
-    return generate_batch(model, tok, [prompt], max_new_tokens, params, add_bos, stop, sink, compile,
-                          prefill_chunk)[0]
+    texts = generate_batch(model, tok, prompts, max_new_tokens, params, add_bos, stop, sink, compile,
+                           prefill_chunk)
+    return texts if many else texts[0]

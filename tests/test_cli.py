@@ -114,3 +114,77 @@ def test_prompt_longer_than_the_context(tmp_path):
 def test_bad_flags(args, needle):
     assert_clean_error(run("generate", *args) if "--prompt-file" in args else run("generate", "hi", *args),
                        needle)
+
+
+# ----------------------------------------------------------------- in-process: the first-day conveniences
+
+
+def test_bare_command_version_and_bench_modes(capsys):
+    from nanogemma import __version__, cli
+
+    assert cli.main([]) == 0
+    assert "COMMAND" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nanogemma {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for mode in ("float32", "float32-unpacked", "bfloat16", "int8", "int8-wo", "+compile", "+spec"):
+        assert mode in text, mode
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_generate_prompts_stdin_stats_and_compile_message(capsys, monkeypatch):
+    import io
+
+    from helpers import tiny_model
+
+    from nanogemma import cli, generation
+    from nanogemma.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    loaded = (tiny_model(vocab_size=262_144), tok)  # a tiny model over the real vocabulary, loaded once
+    monkeypatch.setattr(cli, "_load_for_inference", lambda _args: loaded)  # the rest is the CLI's
+
+    def gen(*args, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        assert cli.main(["generate", *args]) == 0, capsys.readouterr().err
+        return capsys.readouterr()
+
+    alone = gen("Hello", "--max-new-tokens", "3").out
+    assert gen("--max-new-tokens", "3", stdin="Hello\n").out == alone  # echo's newline is not part of the prompt
+    assert gen("--max-new-tokens", "3", stdin="Hello\n\n").out != alone  # only one is dropped
+    # Prompts anywhere among the flags.
+    rows = [json.loads(line) for line in gen("A", "--max-new-tokens", "2", "B", "--jsonl").out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["A", "B"]
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "A", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    # --stats: the timing summary on stderr, stdout unchanged.
+    got = gen("Hello", "--max-new-tokens", "3", "--stats")
+    assert got.out == alone
+    n_prompt = len(tok.encode("Hello"))
+    assert f"1 prompt(s), {n_prompt} prompt tokens in" in got.err and "generated tokens in" in got.err
+    assert "tokens/s" in got.err
+    # --compile says what the wait is (the compiler itself is swapped for the eager step here).
+    monkeypatch.setattr(generation.Session, "_compile", lambda self, how: self._eager_step)
+    got = gen("Hello", "--max-new-tokens", "3", "--compile")
+    assert got.out == alone and "compiling the decode step" in got.err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_library_generate_takes_a_list_or_says_what_it_takes():
+    from helpers import tiny_model
+
+    import nanogemma
+    from nanogemma.errors import NanogemmaError
+    from nanogemma.tokenizer import load_tokenizer
+
+    model, tok = tiny_model(vocab_size=262_144), load_tokenizer()
+    one = [nanogemma.generate(model, tok, p, max_new_tokens=3) for p in ("Hi", "Hello there")]
+    assert nanogemma.generate(model, tok, ["Hi", "Hello there"], max_new_tokens=3) == one
+    for bad in (42, [], ["Hi", 3]):
+        with pytest.raises(NanogemmaError, match="a prompt string or a non-empty list of strings"):
+            nanogemma.generate(model, tok, bad, max_new_tokens=3)

@@ -15,6 +15,10 @@ Modules, each the twin of a PyTorch one:
 * `loop`     — `nanogemma train --backend jax`: the shared training loop (`train.loop`) with the JAX step.
 
 Everything a user can get wrong raises `nanogemma.NanogemmaError`, as in the PyTorch package.
+
+Seeds: greedy decoding gives the PyTorch backend's tokens, but a `seed` draws from JAX's own random
+stream (`jax.random`, threefry), not torch's generator, so sampled text with the same seed differs
+between the backends (each is reproducible on its own).
 """
 
 from __future__ import annotations

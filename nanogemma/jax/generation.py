@@ -270,12 +270,14 @@ def generate_ids(model: JaxGemma, ids: list[int], max_new_tokens: int, params: S
 def generate_batch(model: JaxGemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,
                    params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
                    stream: Callable[[int, str], None] | None = None,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[str]:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, timing: dict | None = None) -> list[str]:
     """Continue several prompts together; returns each one's new text (as `nanogemma.generation.generate_batch`)."""
     ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
     pad = getattr(tok, "pad_id", 0) or 0
     decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), prefill_chunk, pad)
-    return stream_text(decoder, tok, len(prompts), stop, stream)
+    if timing is not None:
+        timing["prompt_tokens"] = sum(map(len, ids))
+    return stream_text(decoder, tok, len(prompts), stop, stream, timing)
 
 
 def generate(model: JaxGemma, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
