@@ -321,11 +321,19 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="local gpt2.tiktoken, used when tiktoken cannot download it (or $NANOGEMMA_GPT2_TIKTOKEN)")
     p.add_argument("--text-column", default="text", help="text column (Parquet, datasets) or field (JSON lines)")
     p.add_argument("--delimiter", default=None,
-                   help="documents in .txt files are separated by this string, e.g. '<|endoftext|>' "
-                        r"(escapes such as \n are understood); default: one document per line")
-    p.add_argument("--split", default="train", help="the training split's name (default train)")
+                   help="how text files split into documents: auto (the default: text with blank lines, such "
+                        "as prose or code, is one document per file; text with <|endoftext|> markers is split "
+                        "at them; text without blank lines is one document per line), file, paragraph, line, "
+                        r"or a separator string such as '<|endoftext|>' (escapes such as \n are understood)")
+    p.add_argument("--glob", default=None, metavar="PATTERN",
+                   help="in folders, read only the files matching this pattern (e.g. '*.py' or 'src/**/*.md'; "
+                        "default: .jsonl, .parquet and every file that is UTF-8 text by its content)")
+    p.add_argument("--split", default="train",
+                   help="the training split's name (default train): a folder of that name, or a file name "
+                        "starting or ending with it")
     p.add_argument("--val-split", default=None,
-                   help="the validation split's name (default: validation, valid, val or dev if present)")
+                   help="the validation split's name (default: validation, valid, val or dev as a folder name "
+                        "or the first or last word of a file name); none: ignore names, hold out documents")
     p.add_argument("--hf-config", default=None, help="configuration (subset) of a Hugging Face dataset")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="share of documents held out for validation when the source has no validation split")
@@ -339,11 +347,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    delimiter = _unescape(args.delimiter) if args.delimiter else args.delimiter
+    delimiter = _unescape(args.delimiter) if args.delimiter else args.delimiter  # file / paragraph / line: rules
     r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
                 text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
                 hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty())
+                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(), glob=args.glob)
     if r.skipped:
         print(f"{r.folder} is already prepared with these arguments: nothing to do")
         return 0
@@ -351,6 +359,19 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(f"{r.folder}: train {s['train']['tokens']:,} tokens ({s['train']['documents']:,} documents), "
           f"val {s['val']['tokens']:,} tokens ({s['val']['documents']:,} documents); {m['tokenizer']['spec']}, "
           f"{m['tokenizer']['vocab_size']:,} ids as {m['dtype']}; {r.tokens_per_second:,.0f} tokens/s")
+    files = m["source"].get("files") or []
+    if files:
+        from collections import Counter
+
+        per_split = Counter(f["split"] for f in files)
+        rules = Counter(f["documents"] for f in files if "documents" in f)
+        order = sorted(per_split, key=lambda s: {"train": 0, "val": 1}.get(s, 2))
+        counts = ", ".join(f"{per_split[s]:,} {s}" for s in order)
+        print(f"files: {counts}"
+              + (" (splits by folder and file names; --val-split none to hold out instead)" if per_split["val"]
+                 else "") + (f"; text: {', '.join(f'{r} ({n:,} files)' for r, n in rules.items())} "
+                             "(--delimiter to choose)" if rules else ""))
+    print(f"validation: {m['validation']}")
     if "synthetic" in m:
         print(f"entropy floor of this grammar: {m['synthetic']['entropy_nats_per_token']:.4f} nats/token")
     return 0

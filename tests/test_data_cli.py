@@ -76,3 +76,16 @@ def test_killed_midway_then_rerun_completes(tmp_path, gpt2_tiktoken_file):
     for name in ("train.bin", "val.bin", "gpt2.tiktoken"):
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert 0 < written < (out / "train.bin").stat().st_size and not (out / ".partial").exists()
+
+
+def test_cli_summary_names_the_rule_and_the_files_per_split(tmp_path, capsys, monkeypatch, gpt2_tiktoken_file):
+    monkeypatch.setenv("NANOGEMMA_GPT2_TIKTOKEN", str(gpt2_tiktoken_file))
+    src = tmp_path / "src"
+    for rel in ("train/a.txt", "train/b.txt", "validation/c.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"{rel}: a paragraph.\n\nAnd another.\n")
+    assert main(["prepare", "--source", str(src), "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "files: 2 train, 1 val (splits by folder and file names; --val-split none to hold out instead)" in out
+    assert "text: one document per file (3 files) (--delimiter to choose)" in out
+    assert "validation: the source's validation split" in out

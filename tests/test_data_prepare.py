@@ -128,7 +128,7 @@ def test_bad_inputs_warn_once_each(run, tmp_path, capsys):
     (tmp_path / "src" / "b.txt").write_bytes(b"")
     (tmp_path / "src" / "c.jsonl").write_text('{"text": ""}\n')
     (tmp_path / "src" / "d.txt").write_text("".join(f"line {i}\n" for i in range(40)))
-    r = run(str(tmp_path / "src"), tmp_path / "out", val_fraction=0.3)
+    r = run(str(tmp_path / "src"), tmp_path / "out", val_fraction=0.3, delimiter="line")
     err = capsys.readouterr().err.splitlines()
     assert "nanogemma: warning: replaced 1 invalid UTF-8 byte(s) with U+FFFD (a.txt: 1)" in err
     assert "nanogemma: warning: skipped 3 empty document(s)" in err
@@ -182,3 +182,20 @@ def test_default_out_names():
     assert default_out(None, "gpt2").as_posix() == "data/tinystories-gpt2"
     assert default_out("synthetic:1000", "bpe:512").as_posix() == "data/synthetic-1000-bpe512"
     assert default_out(["/x/My Corpus.txt.gz"], "gemma").as_posix() == "data/my-corpus-gemma"
+
+
+def test_small_corpus_holds_out_one_document_bpe_says_its_size_and_the_bar_has_a_total(run, tmp_path, capsys):
+    """168 files at --val-fraction 0.01 may hold out none: one document is held out, and said so; a BPE
+    asked for more ids than the text supports says how many it made; the bar counts bytes of a known total."""
+    (tmp_path / "src").mkdir()
+    for i in range(12):
+        (tmp_path / "src" / f"f{i}.md").write_text(f"# Note {i}\n\nA short note about item {i}.\n")
+    r = run(str(tmp_path / "src"), tmp_path / "out", val_fraction=1e-9, tokenizer="bpe:3000", progress=True)
+    err = capsys.readouterr().err
+    assert r.meta["splits"]["val"]["documents"] == 1 and r.meta["splits"]["train"]["documents"] == 11
+    assert "--val-fraction 1e-09 of 12 documents holds out none: holding out 1 document(s)" in err
+    assert "holding out 1 document(s) for validation" in r.meta["validation"]
+    ids = r.meta["tokenizer"]["vocab_size"]
+    assert ids < 3000 and f"bpe:3000 produced {ids:,} ids: its training text has no more distinct pairs" in err
+    total = sum(p.stat().st_size for p in (tmp_path / "src").iterdir())
+    assert f"/{total}" in err.replace(".00", "") or f"{total}/{total}" in err

@@ -43,7 +43,7 @@ def hub_layout(root):
 def test_txt_one_document_per_line(tmp_path):
     p = tmp_path / "a.txt"
     p.write_bytes("\n".join(DOCS).encode() + b"\r\n\n   \nlast line without newline\r\n")
-    texts, bad, empty = read_all(open_source(str(p)))
+    texts, bad, empty = read_all(open_source(str(p), delimiter="line"))  # auto: one document (blank lines)
     assert texts == DOCS + ["last line without newline"]
     assert (bad, empty) == (0, 2)  # the blank and the whitespace-only line
 
@@ -176,7 +176,7 @@ def test_unusable_sources(tmp_path):
     with pytest.raises(NanogemmaError, match="source not found: .*nope"):
         open_source(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NanogemmaError, match="holds no .txt, .jsonl or .parquet files"):
+    with pytest.raises(NanogemmaError, match="holds no text, .jsonl or .parquet files"):
         open_source(str(tmp_path / "empty"))
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(NanogemmaError, match="unsupported file type"):
@@ -194,3 +194,50 @@ def test_synthetic_source_splits():
     train, val = read_all(src)[0], read_all(src, "val")[0]
     assert len(train) == 4950 and len(val) == 50 and not set(train) & set(val)
     assert read_all(open_source("synthetic:5000", seed=3, val_fraction=0.01), "val")[0] == val
+
+
+def test_text_rules_auto_and_chosen(tmp_path):
+    """auto: prose or code (blank lines) is one document per file, <|endoftext|> markers split, text without
+    blank lines is one record per line; file / paragraph / line / a separator choose."""
+    prose = "A first paragraph\nwith two lines.\n\nA second one.\n"
+    (tmp_path / "prose.txt").write_text(prose)
+    (tmp_path / "records.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "marked.txt").write_text("Story one.\n\nStill one.<|endoftext|>Story two.\n")
+    src = open_source([str(tmp_path / n) for n in ("prose.txt", "records.txt", "marked.txt")])
+    assert read_all(src)[0] == [prose.strip(), "one", "two", "three", "Story one.\n\nStill one.", "Story two."]
+    assert [f["documents"] for f in src.describe()["files"]] == [
+        "one document per file", "one document per line", "documents separated by '<|endoftext|>'"]
+    p = str(tmp_path / "prose.txt")
+    assert read_all(open_source(p, delimiter="paragraph"))[0] == ["A first paragraph\nwith two lines.", "A second one."]
+    assert read_all(open_source(p, delimiter="line"))[0] == ["A first paragraph", "with two lines.", "A second one."]
+    assert read_all(open_source(str(tmp_path / "records.txt"), delimiter="file"))[0] == ["one\ntwo\nthree"]
+
+
+def test_split_names_are_whole_folder_names_or_file_name_ends(tmp_path):
+    for rel in ("libjpeg-dev/notes.txt", "dev/held.txt", "src/devices.txt", "corpus-valid.txt", "a/train/x.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel + "\n")
+    src = open_source(str(tmp_path))
+    split = {str(p.path.relative_to(tmp_path)): p.split for p in src.files}
+    assert split == {"libjpeg-dev/notes.txt": "train", "dev/held.txt": "val", "src/devices.txt": "train",
+                     "corpus-valid.txt": "val", "a/train/x.txt": "train"}
+    assert {p.split for p in open_source(str(tmp_path), val_split="none").files} == {"train"}
+    named = open_source(str(tmp_path), val_split="devices")
+    assert [p.path.name for p in named.files if p.split == "val"] == ["devices.txt"]
+
+
+def test_other_text_files_by_content_or_glob(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    return 1\n\n\nprint(f())\n")
+    (tmp_path / "b.md").write_text("# Title\n\nSome text.\n")
+    (tmp_path / "c.bin").write_bytes(b"\x00\x01\x02binary")
+    (tmp_path / "d.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "LICENSE").write_text("Permission is granted.\n")
+    src = open_source(str(tmp_path))
+    assert sorted(f.path.name for f in src.files) == ["LICENSE", "a.py", "b.md"]
+    notes = " ".join(src.warnings())
+    assert "read 3 other file(s) as plain text by their content" in notes and "--glob" in notes
+    assert "ignored 2 file(s) that are not text" in notes
+    picked = open_source(str(tmp_path), glob="*.py")
+    assert [f.path.name for f in picked.files] == ["a.py"] and read_all(picked)[0] == ["def f():\n    return 1\n\n\nprint(f())"]
+    with pytest.raises(NanogemmaError, match=r"no file in .* matches --glob '\*.rs'"):
+        open_source(str(tmp_path), glob="*.rs")

@@ -70,16 +70,20 @@ class Docs:
 
 @dataclass(frozen=True)
 class TextChunk:
-    """Whole lines (delimiter None: one document per line) or whole delimited documents of a text file."""
+    """Whole lines (delimiter None: one document per line), whole delimited documents of a text file, or
+    (`whole`) the whole file as one document."""
 
     origin: str
     data: bytes
     delimiter: str | None
+    whole: bool = False
 
     def read(self) -> Docs:
         text, bad = decode_utf8(self.data)
         docs = Docs(bad_bytes=bad)
-        if self.delimiter is None:
+        if self.whole:
+            docs.add(text.strip())
+        elif self.delimiter is None:
             parts = text.split("\n")
             if parts and parts[-1] == "":  # the final newline ends the last line, it opens no new one
                 parts.pop()

@@ -57,6 +57,7 @@ class Encoded:
     val_docs: int
     bad_bytes: int
     empty: int
+    size: int = 0  # input bytes of the chunk, where known (the progress bar's unit)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _encode(task: tuple) -> Encoded:
     else:
         train, val = (docs.texts, []) if target == TRAIN else ([], docs.texts)
     return Encoded(chunk.origin, tok.encode_documents(train) if train else empty,
-                   tok.encode_documents(val) if val else empty, len(train), len(val), docs.bad_bytes, docs.empty)
+                   tok.encode_documents(val) if val else empty, len(train), len(val), docs.bad_bytes, docs.empty,
+                   len(getattr(chunk, "data", b"")))
 
 
 def _ordered(pool, tasks: Iterable[tuple], window: int) -> Iterator[Encoded]:
@@ -152,7 +154,7 @@ def prepare(source: str | list[str] | None = None, out: str | Path | None = None
             tokenizer_file: str | Path | None = None, text_column: str = "text", delimiter: str | None = None,
             split: str = "train", val_split: str | None = None, hf_config: str | None = None,
             val_fraction: float = 0.01, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-            progress: bool = False, warn: Callable[[str], None] = _warn) -> PrepareResult:
+            progress: bool = False, warn: Callable[[str], None] = _warn, glob: str | None = None) -> PrepareResult:
     """Tokenize `source` into `out` (see the module docstring and `nanogemma prepare --help`)."""
     kind, vocab = parse_spec(tokenizer)
     if not 0 < val_fraction < 1:
@@ -160,7 +162,7 @@ def prepare(source: str | list[str] | None = None, out: str | Path | None = None
     folder = Path(out) if out is not None else default_out(source, tokenizer)
     workers = max(1, workers or default_workers())
     src = open_source(source, text_column=text_column, delimiter=delimiter, split=split, val_split=val_split,
-                      hf_config=hf_config, seed=seed, val_fraction=val_fraction)
+                      hf_config=hf_config, seed=seed, val_fraction=val_fraction, glob=glob)
     try:
         recipe = {"format": FORMAT_VERSION, "source": src.recipe(), "tokenizer": tokenizer}
         if src.may_hold_out:
@@ -188,6 +190,11 @@ def _run(src: Source, folder: Path, staging: Path, recipe: dict, kind: str, voca
     key = hashlib.sha256(f"nanogemma-holdout/{seed}".encode()).digest()[:32]
     threshold = int(val_fraction * 2**64)
     target = TRAIN if src.has_val else HOLDOUT
+    held_note = None
+    if target == HOLDOUT and isinstance(src, LocalSource) and src.total_bytes() <= SMALL_CORPUS:
+        threshold, held_note = _hold_out_at_least_one(src, key, threshold, val_fraction)
+        if held_note:
+            warn(held_note)
 
     # Workers are told where the tokenizer files will be; a BPE is trained (below) before they need it.
     names = tok.save(staging) if tok is not None else [BPE_FILE]
@@ -209,6 +216,9 @@ def _run(src: Source, folder: Path, staging: Path, recipe: dict, kind: str, voca
                             yield t
 
             tok = train_bpe(texts(), vocab)
+            if tok.vocab_size < vocab:
+                warn(f"bpe:{vocab} produced {tok.vocab_size:,} ids: its training text has no more distinct pairs "
+                     f"to merge (a small corpus runs out of them); the token files use {tok.vocab_size:,} ids")
             tok.save(staging)
             _worker["tok"] = tok
         start = time.perf_counter()
@@ -216,7 +226,8 @@ def _run(src: Source, folder: Path, staging: Path, recipe: dict, kind: str, voca
         passes = [("train", TRAIN), ("val", VAL)] if src.has_val else [("train", HOLDOUT)]
         for split, tgt in passes:
             tasks = ((c, tgt, key, threshold) for c in src.chunks(split))
-            _write_pass(_ordered(pool, tasks, 2 * workers + 2), writers, stats, split, progress)
+            _write_pass(_ordered(pool, tasks, 2 * workers + 2), writers, stats, split, progress,
+                        src.split_bytes(split) if isinstance(src, LocalSource) else None)
         seconds = time.perf_counter() - start
     finally:
         for w in writers.values():
@@ -229,15 +240,41 @@ def _run(src: Source, folder: Path, staging: Path, recipe: dict, kind: str, voca
     _report(src, writers, stats, target, val_fraction, warn)
     total = sum(w.tokens for w in writers.values())
     meta = _meta(src, tok, names, writers, stats, recipe, target, val_fraction, staging)
+    if held_note:
+        meta["validation"] = held_note.split(": ", 1)[1]
     store.finish(folder, staging, meta, [*names, *store.SPLIT_FILES.values()])
     return PrepareResult(folder, meta, skipped=False, seconds=seconds, tokens_per_second=total / max(seconds, 1e-9))
 
 
-def _write_pass(results: Iterator[Encoded], writers: dict, stats: dict, split: str, progress: bool) -> None:
+SMALL_CORPUS = 1 << 26  # bytes: a corpus this small is read once more to make sure validation is not empty
+
+
+def _hold_out_at_least_one(src: LocalSource, key: bytes, threshold: int, val_fraction: float
+                           ) -> tuple[int, str | None]:
+    """A small corpus may have no document whose hash falls under the threshold: then the threshold is raised
+    just past the lowest hash, so the document(s) with that hash form validation (still a rule of the text
+    and the seed alone). Returns the threshold and what was done, or (threshold, None) when nothing was."""
+    hashes = []
+    for chunk in src.chunks("train"):
+        for t in chunk.read().texts:
+            hashes.append(int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest(),
+                                         "little"))
+    if len(hashes) < 2 or min(hashes) < threshold:
+        return threshold, None
+    low = min(hashes)
+    return low + 1, (f"--val-fraction {val_fraction:g} of {len(hashes):,} documents holds out none: holding out "
+                     f"{hashes.count(low)} document(s) for validation instead (raise --val-fraction for more)")
+
+
+def _write_pass(results: Iterator[Encoded], writers: dict, stats: dict, split: str, progress: bool,
+                total: int | None = None) -> None:
+    """Write the results; the bar counts input bytes against `total` (with an ETA) where the size is known,
+    else tokens."""
     from tqdm import tqdm
 
-    with tqdm(desc=f"tokenizing {split}", unit="tok", unit_scale=True, disable=not progress,
-              smoothing=0.05, file=sys.stderr) as bar:
+    by_bytes = total is not None
+    with tqdm(desc=f"tokenizing {split}", unit="B" if by_bytes else "tok", unit_scale=True, total=total,
+              disable=not progress, smoothing=0.05, file=sys.stderr) as bar:
         for r in results:
             writers["train"].write(r.train, r.train_docs)
             writers["val"].write(r.val, r.val_docs)
@@ -245,7 +282,7 @@ def _write_pass(results: Iterator[Encoded], writers: dict, stats: dict, split: s
                 stats["bad"][r.origin] = stats["bad"].get(r.origin, 0) + r.bad_bytes
             stats["empty"] += r.empty
             stats["origin_docs"][r.origin] = stats["origin_docs"].get(r.origin, 0) + r.train_docs + r.val_docs
-            bar.update(len(r.train) + len(r.val))
+            bar.update(r.size if by_bytes else len(r.train) + len(r.val))
             bar.set_postfix(docs=f"{writers['train'].documents + writers['val'].documents:,}", refresh=False)
 
 

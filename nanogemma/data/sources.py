@@ -4,13 +4,21 @@
 
 * `synthetic:N` — N stories of the story grammar (`synthetic.py`), of which a `val_fraction` (at least one)
   form the validation split, drawn from their own random stream.
-* existing files or folders — `.txt` (one document per line, or documents separated by `delimiter`),
-  `.jsonl` (one JSON object per line, text in `text_column`), `.parquet` (text in column `text_column`),
-  each optionally gzip-compressed (`.txt.gz`, ...). A folder is searched recursively, in name order. Files
-  are assigned to splits by the words in their path, as the Hugging Face hub lays datasets out:
-  `train` / `training` (or the `--split` name) for training, `validation` / `valid` / `val` / `dev` (or the
-  `--val-split` name) for validation; `test` files are left out; files with no such word are training
-  files. With no training file at all, every file is used for training.
+* existing files or folders — `.txt` and other plain-text files (`.py`, `.md`, `.rst`, ...: any file
+  that is UTF-8 text by its content, or those `glob` picks), `.jsonl` (one JSON object per line, text in
+  `text_column`), `.parquet` (text in column `text_column`), each optionally gzip-compressed (`.txt.gz`,
+  ...). A folder is searched recursively, in name order.
+  How a text file splits into documents (`delimiter`): "auto" (the default) looks at the file's start:
+  text with blank lines (prose, code) is one document per file (per paragraph past 64 MB), text with
+  `<|endoftext|>` markers is split at them, and text without blank lines is one record per line;
+  "file", "paragraph" or "line" choose a rule, any other string separates documents. The rule used is
+  recorded per file (meta.json, and `prepare`'s summary).
+  Files are assigned to splits by their path, as the Hugging Face hub lays datasets out: a folder named
+  `train` / `training` (or the `--split` name), or a file whose name starts or ends with that word
+  (`train-00000-of-00002.parquet`, `TinyStories-train.txt`), is for training; `validation` / `valid` /
+  `val` / `dev` (or the `--val-split` name) for validation; `test` files are left out; other files are
+  training files. Only whole folder names and the ends of file names count, so `libjpeg-dev/` is no
+  validation folder. `--val-split none` turns names off. With no training file, every file is for training.
 * `hf:NAME` or `owner/name` (not an existing path) — a dataset through the `datasets` library, streamed.
   This is a thin adapter: it yields batches of strings, and everything after that is shared. `hf:FOLDER`
   reads a local folder laid out as on the hub, which is how the adapter is tested offline.
@@ -21,6 +29,7 @@ deterministic fraction of the training documents.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import os
 import re
@@ -46,6 +55,10 @@ from .chunks import (
 DEFAULT_SOURCE = "roneneldan/TinyStories"
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 _VAL_WORDS = ("validation", "valid", "val", "dev")
+TEXT_RULES = ("auto", "file", "paragraph", "line")
+STRUCTURED = {".csv", ".tsv", ".json", ".xml"}  # text, but records in a format: not taken as plain text
+WHOLE_FILE_LIMIT = 1 << 26  # a text file past this is cut at its paragraphs rather than kept as one document
+_SNIFF = 1 << 20
 
 
 class Source(ABC):
@@ -93,42 +106,89 @@ def _kind(path: Path) -> str | None:
     return KINDS.get(Path(name).suffix)
 
 
+def _head(path: Path, n: int = _SNIFF) -> bytes:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read(n)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise NanogemmaError(f"{path} is not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise NanogemmaError(f"{path} cannot be read ({e})") from None
+
+
+def _looks_like_text(path: Path) -> bool:
+    """UTF-8 text without NUL bytes in its first 64 KB (a character cut at the end is allowed)."""
+    try:
+        head = _head(path, 1 << 16)
+    except NanogemmaError:
+        return False
+    if b"\0" in head:
+        return False
+    for cut in range(4):  # the sample may end inside a character
+        try:
+            head[:len(head) - cut].decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            continue
+    return False
+
+
+def text_rule(path: Path, delimiter: str | None) -> tuple[str, str | None]:
+    """(rule, separator) of a text file: "file", "paragraph", "line", or "delimiter" with its separator."""
+    if delimiter in (None, "auto"):
+        head = _head(path)
+        if b"<|endoftext|>" in head:
+            return "delimiter", "<|endoftext|>"
+        if re.search(rb"\n[ \t\r]*\n", head):
+            return ("paragraph", None) if path.stat().st_size > WHOLE_FILE_LIMIT else ("file", None)
+        return "line", None
+    if delimiter in ("file", "paragraph", "line"):
+        return delimiter, None
+    if delimiter == "\n":
+        return "line", None
+    return "delimiter", delimiter
+
+
+def describe_rule(rule: str, separator: str | None) -> str:
+    return {"file": "one document per file", "paragraph": "one document per paragraph (blank lines)",
+            "line": "one document per line"}.get(rule, f"documents separated by {separator!r}")
+
+
 def _split_of(path: Path, root: Path, train_name: str, val_name: str | None) -> str:
+    """The split a file's path names: a whole folder name, or the first or last word of the file's name."""
+    if val_name is not None and val_name.lower() == "none":
+        return "train"
     rel = path.relative_to(root) if path != root else Path(path.name)
-    words = set(re.split(r"[^a-z0-9]+", str(rel).lower()))
+    name = rel.name.lower()
+    stem = Path(name[:-3] if name.endswith(".gz") else name).stem
+    words = [w for w in re.split(r"[^a-z0-9]+", stem) if w]
+    names = {p.lower() for p in rel.parts[:-1]} | {stem} | ({words[0], words[-1]} if words else set())
     train_words = {train_name.lower()} | ({"train", "training"} if train_name == "train" else set())
     val_words = {val_name.lower()} if val_name else set(_VAL_WORDS)
-    if words & val_words:
+    if names & val_words:
         return "val"
-    if words & train_words:
+    if names & train_words:
         return "train"
-    return "test" if words & {"test", "testing"} else "train"
+    return "test" if names & {"test", "testing"} else "train"
 
 
 class LocalSource(Source):
     def __init__(self, paths: list[Path], *, text_column: str, delimiter: str | None, split: str,
-                 val_split: str | None) -> None:
+                 val_split: str | None, glob: str | None = None) -> None:
         self.text_column, self.delimiter = text_column, delimiter
         self._notes: list[str] = []
         self._temp: dict[Path, Path] = {}
         files: list[InputFile] = []
         for root in paths:
             if root.is_file():
-                if _kind(root) is None:
-                    raise NanogemmaError(f"{root}: unsupported file type; use .txt, .jsonl or .parquet "
+                if _kind(root) is None and (root.suffix.lower() in STRUCTURED or not _looks_like_text(root)):
+                    raise NanogemmaError(f"{root}: unsupported file type; use text files, .jsonl or .parquet "
                                          "(optionally .gz)")
-                found = [root]
+                found = {root: _kind(root) or "txt"}
             else:
-                found = sorted(p for p in root.rglob("*") if p.is_file()
-                               and not any(part.startswith(".") for part in p.relative_to(root).parts))
-                skipped = [p for p in found if _kind(p) is None]
-                found = [p for p in found if _kind(p) is not None]
-                if not found:
-                    raise NanogemmaError(f"{root} holds no .txt, .jsonl or .parquet files (optionally .gz)")
-                if skipped:
-                    self._notes.append(f"{root}: ignored {len(skipped)} file(s) of other types, "
-                                       f"e.g. {skipped[0].name}")
-            files += [InputFile(p, _kind(p), _split_of(p, root, split, val_split)) for p in found]
+                found = self._scan(root, glob)
+            files += [InputFile(p, kind, _split_of(p, root, split, val_split)) for p, kind in found.items()]
         if not any(f.split == "train" for f in files):  # e.g. only a "valid" file: use it for training
             files = [InputFile(f.path, f.kind, "train") for f in files]
         tests = [f for f in files if f.split == "test"]
@@ -139,6 +199,38 @@ class LocalSource(Source):
         for f in self.files:
             if f.kind == "parquet":
                 self._check_parquet(f.path)
+        self.rules = {f.path: text_rule(f.path, delimiter) for f in self.files if f.kind == "txt"}
+
+    def _scan(self, root: Path, glob: str | None) -> dict[Path, str]:
+        """The files of a folder to read, with their kind: by extension, else plain text by content, or
+        those matching `glob` (against the path inside the folder, or the file name)."""
+        found = sorted(p for p in root.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if glob:
+            rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+            chosen = {p: _kind(p) or "txt" for p in found if fnmatch.fnmatch(rel(p), glob)
+                      or fnmatch.fnmatch(p.name, glob)}
+            if not chosen:
+                raise NanogemmaError(f"no file in {root} matches --glob {glob!r}")
+            return chosen
+        chosen, by_content, skipped = {}, [], []
+        for p in found:
+            if _kind(p) is not None:
+                chosen[p] = _kind(p)
+            elif p.suffix.lower() not in STRUCTURED and _looks_like_text(p):
+                chosen[p] = "txt"
+                by_content.append(p)
+            else:
+                skipped.append(p)
+        if not chosen:
+            raise NanogemmaError(f"{root} holds no text, .jsonl or .parquet files (optionally .gz)")
+        if by_content:
+            kinds = sorted({p.suffix or p.name for p in by_content})
+            self._notes.append(f"{root}: read {len(by_content)} other file(s) as plain text by their content "
+                               f"({', '.join(kinds[:6])}); choose files with --glob")
+        if skipped:
+            self._notes.append(f"{root}: ignored {len(skipped)} file(s) that are not text, e.g. {skipped[0].name}")
+        return chosen
 
     def _parquet_path(self, path: Path) -> Path:
         """A gzipped Parquet file is decompressed once to a temporary file (Parquet needs random access)."""
@@ -186,17 +278,37 @@ class LocalSource(Source):
                 for data, lines in split_file(f.path, b"\n"):
                     yield JsonlChunk(origin, data, self.text_column, lines + 1)
             else:
-                sep = b"\n" if self.delimiter is None else self.delimiter.encode("utf-8")
-                for data, _ in split_file(f.path, sep):
-                    yield TextChunk(origin, data, self.delimiter)
+                rule, sep = self.rules[f.path]
+                if rule == "file":
+                    yield TextChunk(origin, _head(f.path, WHOLE_FILE_LIMIT * 8), None, whole=True)
+                elif rule == "line":
+                    for data, _ in split_file(f.path, b"\n"):
+                        yield TextChunk(origin, data, None)
+                else:
+                    sep = "\n\n" if rule == "paragraph" else sep
+                    for data, _ in split_file(f.path, sep.encode("utf-8")):
+                        yield TextChunk(origin, data, sep)
+
+    def total_bytes(self) -> int:
+        return sum(f.path.stat().st_size for f in self.files)
+
+    def split_bytes(self, split: str) -> int | None:
+        """Input bytes of a split, for the progress bar: None where chunks do not carry their bytes
+        (Parquet) or the file is compressed (its size is not the text's)."""
+        files = [f for f in self.files if f.split == split]
+        if any(f.kind == "parquet" or f.path.name.endswith(".gz") for f in files):
+            return None
+        return sum(f.path.stat().st_size for f in files)
 
     def recipe(self) -> dict:
         kinds = {f.kind for f in self.files}
         r: dict = {"kind": "files", "files": []}
         for f in self.files:
             st = f.path.stat()
-            r["files"].append({"path": str(f.path.resolve()), "split": f.split, "bytes": st.st_size,
-                               "mtime_ns": st.st_mtime_ns})
+            entry = {"path": str(f.path.resolve()), "split": f.split, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if f.path in self.rules:
+                entry["documents"] = describe_rule(*self.rules[f.path])
+            r["files"].append(entry)
         if "txt" in kinds:
             r["delimiter"] = self.delimiter
         if kinds & {"jsonl", "parquet"}:
@@ -304,11 +416,11 @@ class SyntheticSource(Source):
 
 def open_source(specs: str | list[str] | None = None, *, text_column: str = "text", delimiter: str | None = None,
                 split: str = "train", val_split: str | None = None, hf_config: str | None = None,
-                seed: int = 0, val_fraction: float = 0.01) -> Source:
+                seed: int = 0, val_fraction: float = 0.01, glob: str | None = None) -> Source:
     """The source named by one or more `--source` values (see the module docstring)."""
     specs = [DEFAULT_SOURCE] if not specs else [specs] if isinstance(specs, str) else list(specs)
     if delimiter == "":
-        raise NanogemmaError("--delimiter must not be empty (leave it out for one document per line)")
+        raise NanogemmaError("--delimiter must not be empty (use file, paragraph or line, or leave it out: auto)")
     if len(specs) == 1 and specs[0].startswith("synthetic:"):
         m = re.fullmatch(r"synthetic:([\d_]+)", specs[0])
         n = int(m.group(1)) if m else 0
@@ -324,4 +436,4 @@ def open_source(specs: str | list[str] | None = None, *, text_column: str = "tex
         raise NanogemmaError(f"source not found: {missing[0]} (give files or folders, synthetic:N, "
                              "or a Hugging Face dataset name such as roneneldan/TinyStories)")
     return LocalSource([Path(s).expanduser() for s in specs], text_column=text_column, delimiter=delimiter,
-                       split=split, val_split=val_split)
+                       split=split, val_split=val_split, glob=glob)
