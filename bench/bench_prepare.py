@@ -100,7 +100,7 @@ def main() -> None:
             n_base, s_base = baseline(corpus, work / "baseline.bin", args.tokenizer_file)
             t = time.perf_counter()
             r = prepare(str(corpus), work / "prepared", "gpt2", tokenizer_file=args.tokenizer_file,
-                        workers=args.workers, overwrite=True, progress=False)
+                        workers=args.workers, overwrite=True, progress=False, delimiter="line")
             s_ours = time.perf_counter() - t
             n_ours = sum(s["tokens"] for s in r.meta["splits"].values())
             if n_ours != n_base:
