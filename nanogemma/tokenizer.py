@@ -148,12 +148,11 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """The tokenizer embedded in a GGUF file; built once, then loaded from the cache."""
-        from .weight_files import cache_dir, file_digest
 
         path = Path(path).expanduser()
         if not path.is_file():
             raise NanogemmaError(f"GGUF file not found: {path}")
-        cached = cache_dir() / "tokenizers" / f"{file_digest(path)[:32]}-v{_BUILD_VERSION}"
+        cached = gguf_tokenizer_folder(path)
         if (cached / "tokenizer_config.json").is_file():
             return cls.from_hf(cached)
         backend, ids, pieces, types = _read_gguf_tokenizer(path)
@@ -346,6 +345,14 @@ def _sentencepiece_model(pieces: list[str], types: list[int], tok: Tokenizer) ->
     out += field(2, field(3, 2) + field(35, 1) + b"".join(field(40 + k, i) for k, i in enumerate(ids)))
     out += field(3, field(1, b"identity") + field(3, 0) + field(4, 0))  # NormalizerSpec
     return bytes(out)
+
+
+def gguf_tokenizer_folder(path: str | Path) -> Path:
+    """Where `Tokenizer.from_gguf` caches a GGUF's tokenizer as a Hugging Face folder (it exists once the
+    tokenizer was loaded, unless the cache is read-only): export copies it rather than writing it again."""
+    from .weight_files import cache_dir, file_digest
+
+    return cache_dir() / "tokenizers" / f"{file_digest(path)[:32]}-v{_BUILD_VERSION}"
 
 
 def load_tokenizer(source: str | Path | None = None) -> Tokenizer:

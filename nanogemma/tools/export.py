@@ -68,8 +68,11 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        copied = _write_tokenizer(tmp, tok_source, path)
-        hf.update(_special_ids(tmp) if copied else {})
+        copied, tok = _write_tokenizer(tmp, tok_source, path)
+        if tok is not None:
+            hf.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
+        elif copied:
+            hf.update(_special_ids(tmp))
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -89,10 +92,11 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
     return out_dir
 
 
-def _write_tokenizer(tmp: Path, tok_source: Path, path: Path) -> list[str]:
+def _write_tokenizer(tmp: Path, tok_source: Path, path: Path):
     """The source's tokenizer files into `tmp` (a GGUF's own tokenizer, written out, when there are none),
-    with a chat template; returns the names written (none when the source has no tokenizer)."""
-    from ..tokenizer import load_tokenizer
+    with a chat template; returns the names written (none when the source has no tokenizer) and the
+    tokenizer when it was loaded here."""
+    from ..tokenizer import gguf_tokenizer_folder, load_tokenizer
 
     copied = [f for f in TOKENIZER_FILES if (tok_source / f).is_file()]
     for f in copied:
@@ -102,12 +106,17 @@ def _write_tokenizer(tmp: Path, tok_source: Path, path: Path) -> list[str]:
         try:
             tok = load_tokenizer(path)
         except NanogemmaError:  # a GGUF without a tokenizer: warned about below
-            return []
-        tok.save(tmp)
+            return [], None
+        cached = gguf_tokenizer_folder(path)
+        if all((cached / f).is_file() for f in TOKENIZER_FILES[:3]):  # the loader's own HF-format copy
+            for f in TOKENIZER_FILES[:3]:
+                shutil.copyfile(cached / f, tmp / f)
+        else:
+            tok.save(tmp)
         copied = sorted(p.name for p in tmp.iterdir())
     if copied:
         _add_chat_template(tmp, tok)
-    return copied
+    return copied, tok
 
 
 def _add_chat_template(folder: Path, tok=None) -> None:
