@@ -49,6 +49,12 @@ TURN_STOPS = ("<start_of_turn>", "\nuser\n", "user\n")
 INSTRUCT_MODEL = "google/gemma-3-270m-it"  # what to use instead of a base model, for chat
 
 
+def repeats_a_line(text: str, times: int = 3) -> bool:
+    """Whether `text` ends with the same non-empty line `times` times in a row (a base model in a loop)."""
+    lines = text.split("\n")[:-1]  # complete lines only
+    return len(lines) >= times and bool(lines[-1].strip()) and len(set(lines[-times:])) == 1
+
+
 def model_kind(name: str | None, path: Path) -> tuple[bool, str]:
     """(instruction-tuned?, why) as the model's files tell: Gemma names the tuned checkpoints "-it" (and
     the pretrained ones "-pt" or nothing); otherwise a chat template in the tokenizer files says tuned.
@@ -83,7 +89,7 @@ class Chat:
     def __init__(self, model: Gemma, tok, system: str | None = None, params: SamplingParams | None = None,
                  max_new_tokens: int = 1024, context: int | None = None, compile: bool | str = False,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None,
-                 stop: Sequence[str] = ()):
+                 stop: Sequence[str] = (), stop_loops: bool = False):
         self.model, self.tok = model, tok
         self.system = system.strip() if system and system.strip() else None
         self.params = (params or CHAT_DEFAULTS).validate()
@@ -99,6 +105,7 @@ class Chat:
         if tok.start_of_turn_id is not None:  # a reply never opens a turn: a model that does has gone on too long
             self.stop_ids.add(tok.start_of_turn_id)
         self.stop = list(stop)  # stop strings (TURN_STOPS for a base model): the reply ends before them
+        self.stop_loops = stop_loops  # a base model's reply also ends once it repeats a line three times
         self.reset()
 
     def reset(self) -> None:
@@ -151,7 +158,7 @@ class Chat:
                 piece = text.push(token)
                 if piece and stream:
                     stream(piece)
-                if text.stopped:
+                if text.stopped or (self.stop_loops and piece and "\n" in piece and repeats_a_line(text.text)):
                     break
         finally:
             tokens.close()  # a speculative decoder takes back the drafts it fed past the last token used

@@ -269,7 +269,7 @@ def _run_chat(args: argparse.Namespace) -> int:
           f"{'instruction-tuned' if tuned else 'a base model'} ({why})", file=sys.stderr, flush=True)
     if not tuned:
         print(f"  a base model continues text and was never taught to answer, so replies may ramble or repeat; "
-              f"they stop where it starts a new turn. For a chat model: --model {INSTRUCT_MODEL}",
+              f"they stop where it starts a new turn or repeats a line three times. For a chat model: --model {INSTRUCT_MODEL}",
               file=sys.stderr, flush=True)
     if args.compile:
         print("nanogemma: compiling the decode step (torch.compile, at the first reply: a minute or so the first "
@@ -277,7 +277,7 @@ def _run_chat(args: argparse.Namespace) -> int:
               flush=True)
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
                 context=args.context, compile=args.compile, speculation=_speculation(args, tok),
-                stop=() if tuned else TURN_STOPS)
+                stop=() if tuned else TURN_STOPS, stop_loops=not tuned)
     return run_chat(chat)
 
 

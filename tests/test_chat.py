@@ -184,6 +184,10 @@ def test_stop_strings_end_a_reply_at_a_new_turn(model, tok):
     stopped.send("Again")  # the conversation goes on, its cache consistent
     assert stopped.session.length == len(stopped.fed)
     assert tok.start_of_turn_id in stopped.stop_ids  # a reply never opens a turn, for any model
+    from nanogemma.chat import repeats_a_line
+
+    assert repeats_a_line("Hi\n-\n-\n-\n") and not repeats_a_line("-\n-\n-") and not repeats_a_line("\n\n\n\n")
+    assert not repeats_a_line("a\nb\na\nb\n")
 
 
 def test_cli_chat_banner_help_and_flags(tiny_hf, capsys, monkeypatch):
