@@ -235,13 +235,21 @@ def generate_ids(model: Gemma, ids: list[int], max_new_tokens: int, temperature:
 def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: int = 64,
                    params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
                    stream: Callable[[int, str], None] | None = None, compile: bool | str = False,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None) -> list[str]:
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None,
+                   fast: bool = True) -> list[str]:
     """Continue several prompts together; returns the new text of each. `stream(row, piece)` sees text as it comes.
 
     Greedy results equal generating each prompt alone: rows are left-padded and the pads masked out.
+    `fast` decodes a plain CPU model through its packed twin (`quantize.packed_view`): the same float32
+    arithmetic in another summation order, at the CLI's speed; `model` itself is not changed.
     """
+    if isinstance(prompts, str):
+        raise NanogemmaError("generate_batch takes a list of prompts; for one prompt use generate(model, tok, prompt)")
     ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
     pad = getattr(tok, "pad_id", 0) or 0
+    if fast and not compile:  # torch.compile traces the plain modules; it cannot trace packed weights
+        from .quantize import packed_view
+        model = packed_view(model)
     decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), compile, prefill_chunk, pad,
                       speculation)
     return stream_text(decoder, tok, len(prompts), stop, stream)
@@ -251,13 +259,17 @@ def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperatu
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              add_bos: bool = True, stream: Callable[[str], None] | None = None, *, min_p: float | None = None,
              repetition_penalty: float = 1.0, stop: Sequence[str] = (), compile: bool | str = False,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> str:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, fast: bool = True) -> str:
     """Continue `prompt`; return the new text only. `stream` is called with each new piece of text.
 
     Stops at <eos>/<end_of_turn>, at the first of the `stop` strings (which is not included), after
-    `max_new_tokens`, or at the context limit. Sampling is reproducible with `seed`.
+    `max_new_tokens`, or at the context limit. Sampling is reproducible with `seed`. On a CPU the decoding
+    runs through packed kernels (`fast`, see `generate_batch`); `model(ids)` stays the plain module.
     """
+    if not isinstance(prompt, str):
+        raise NanogemmaError(f"generate takes one prompt (a str), not {type(prompt).__name__}; "
+                             "for several prompts use generate_batch(model, tok, prompts)")
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sink = (lambda _row, piece: stream(piece)) if stream else None
     return generate_batch(model, tok, [prompt], max_new_tokens, params, add_bos, stop, sink, compile,
-                          prefill_chunk)[0]
+                          prefill_chunk, fast=fast)[0]

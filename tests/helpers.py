@@ -44,3 +44,15 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nanogemma", *args], input=stdin, capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})  # tiny models
+
+
+class ByteTok:
+    """Token 10 + b for byte b; <pad> 0, <eos> 1, <bos> 2, <end_of_turn> 5. Other ids decode to nothing."""
+
+    bos_id, eos_id, pad_id, end_of_turn_id = 2, 1, 0, 5
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return [2] * add_bos + [10 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 10 for i in ids if 10 <= i < 266).decode("utf-8", errors="replace")
