@@ -41,12 +41,7 @@ from nanogemma.generation import Decoder, generate_ids
 from nanogemma.machine import describe_cpu
 from nanogemma.model import Gemma
 from nanogemma.tools import train_bench
-from nanogemma.tools.bench import steady_step, weight_bytes_per_token
-
-# Nominal memory bandwidth (bytes/s) by card name; the longest matching key wins.
-NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12,
-                     "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12, "L4": 0.3e12}
-
+from nanogemma.tools.bench import gpu_bandwidth, steady_step, weight_bytes_per_token
 
 class Deadline:
     """One budget for the whole check: a section starts only while time is left."""
@@ -155,11 +150,9 @@ def measured_bandwidth(device: torch.device) -> float:
 
 
 def nominal_bandwidth(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    key = next((k for k in sorted(NOMINAL_BANDWIDTH, key=len, reverse=True) if k in name), None)
-    return NOMINAL_BANDWIDTH[key] if key else None
+    """The card's published bandwidth in bytes/s (`tools.bench.GPU_BANDWIDTH`), None where unknown."""
+    gb_s = gpu_bandwidth() if device.type == "cuda" else None
+    return gb_s * 1e9 if gb_s else None
 
 
 def kv_bytes_per_token(cfg: GemmaConfig, context: float, dtype: torch.dtype) -> float:

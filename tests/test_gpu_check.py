@@ -60,8 +60,9 @@ def test_bytes_per_step_and_bandwidth_table(gpu_check, monkeypatch):
     per_entry = 2 * 1 * 256 * 2  # k and v, bfloat16
     assert gpu_check.kv_bytes_per_token(cfg, 100, torch.bfloat16) == per_entry * 100 * 18
     assert gpu_check.kv_bytes_per_token(cfg, 2000, torch.bfloat16) == per_entry * (15 * 512 + 3 * 2000)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None: "NVIDIA H100 NVL")
-    assert gpu_check.nominal_bandwidth(torch.device("cuda")) == 3.9e12  # the longest matching name wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None: "NVIDIA H200")
+    assert gpu_check.nominal_bandwidth(torch.device("cuda")) == 4.8e12
     assert gpu_check.nominal_bandwidth(torch.device("cpu")) is None
 
 
