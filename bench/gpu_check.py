@@ -43,6 +43,7 @@ from nanogemma.model import Gemma
 from nanogemma.tools import train_bench
 from nanogemma.tools.bench import gpu_bandwidth, steady_step, weight_bytes_per_token
 
+
 class Deadline:
     """One budget for the whole check: a section starts only while time is left."""
 
