@@ -525,6 +525,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="tokens per request, prompt plus reply (default 8192, at most the model's context)")
     p.add_argument("--step-tokens", type=int, default=256,
                    help="tokens one engine step may feed, decode and prompt chunks together (default 256)")
+    p.add_argument("--prefix-cache", type=int, default=8,  # engine.DEFAULT_PREFIX_CACHE
+                   help="prompt prefixes kept for reuse, e.g. a shared system prompt (default 8, 0: off; "
+                        "each holds a slot's cache rows)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -536,7 +539,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     return serve(args.model, args.host, args.port, args.dtype, args.device, args.quantize, args.slots,
                  args.max_queue, args.api_key, args.context, args.step_tokens, args.timeout,
-                 compile=args.compile, log_level=args.log_level)
+                 compile=args.compile, log_level=args.log_level, prefix_cache=args.prefix_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
