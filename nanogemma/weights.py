@@ -134,7 +134,19 @@ def load_state(name_or_path: str | Path | None = None) -> tuple[GemmaConfig, dic
         meta = json.loads((path / "nanogemma.json").read_text())
         cfg = GemmaConfig.from_dict(meta["model"])
         state = _load_safetensors(path / "model.safetensors")
+        if meta.get("lora"):  # a LoRA run holds adapters only: the model is its base with them merged in
+            from .lora import LoRAConfig, merged_state
+
+            state = merged_state(lora_base_state(meta["lora"], path), state, LoRAConfig.from_dict(meta["lora"]))
     return cfg, state, path
+
+
+def lora_base_state(lora: dict, run: Path) -> dict[str, torch.Tensor]:
+    """The frozen weights a LoRA run's adapters go on: its `--init-from` model, which its metadata names."""
+    try:
+        return load_state(lora["base"])[1]
+    except NanogemmaError as e:
+        raise NanogemmaError(f"{run} is a LoRA run on {lora['base']}, which cannot be loaded: {e}") from None
 
 
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
