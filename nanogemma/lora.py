@@ -202,7 +202,11 @@ def _projections(model: Gemma):
     """(layer index, target, parent module, attribute) of every projection LoRA may wrap."""
     for i, block in enumerate(model.layers):
         for target, (part, attr) in TARGETS.items():
-            yield i, target, getattr(block, part), attr
+            parent = getattr(block, part)
+            if not hasattr(parent, attr):  # fused (quantize.py): q/k/v or gate/up are one product there
+                raise NanogemmaError(f"layers.{i}.{part} is a {type(parent).__name__} with fused projections: "
+                                     "add LoRA before packing or quantizing the model")
+            yield i, target, parent, attr
 
 
 def apply_lora(model: Gemma, cfg: LoRAConfig, seed: int = 0) -> Gemma:

@@ -198,13 +198,17 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
 
 
 def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
-                       quantize: str | None = None, pack: bool = True):
+                       quantize: str | None = None, pack: bool = True, adapter: str | Path | None = None):
     """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
     and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
-    weights)."""
+    weights). `adapter`, a LoRA folder (peft's or a LoRA run), is merged into the weights first."""
     from .quantize import pack_model, quantize_model
 
     def prepare(model: Gemma, go: threading.Event) -> None:
+        if adapter is not None:
+            from .lora import add_adapter
+
+            add_adapter(model, adapter)
         if quantize:
             quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
         elif pack:

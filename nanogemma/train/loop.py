@@ -342,8 +342,12 @@ class Run(Loop):
 
     def build(self, state: dict | None) -> None:
         cfg, world = self.cfg, self.world
-        self.model = build.make_model(self.mcfg, state, cfg, world.device)
         self.lora = lora_config(cfg)
+        if self.lora is not None and self.lora.dropout > 0:
+            # Dropout draws from the global generator: seeded, a run repeats from its seed (and per process,
+            # so processes drop different units); a resumed run restores the generator from its checkpoint.
+            torch.manual_seed(cfg.seed * 1000 + world.rank)
+        self.model = build.make_model(self.mcfg, state, cfg, world.device)
         self.wrapped = wrap(self.model, world, cfg.fsdp)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.params = [p for p in self.model.parameters() if p.requires_grad]
