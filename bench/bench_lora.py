@@ -1,0 +1,67 @@
+"""Peak memory (RSS) of fine-tuning the official 270M model: every weight, against LoRA over a float32,
+bfloat16 or int8 frozen base.
+
+    .venv/bin/python bench/bench_lora.py --data data/stories-gemma --steps 3 --seq-len 256 --threads 2
+
+Each mode is its own `nanogemma train` process (same data, windows and steps), so each peak is that run's
+alone: the kernel's high-water mark of resident memory (`ru_maxrss` from wait4), which includes loading the
+weights. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODES = {"full": {}, "lora-float32": {"lora_base_dtype": "float32"},
+         "lora-bfloat16": {"lora_base_dtype": "bfloat16"}, "lora-int8": {"lora_base_dtype": "int8"}}
+
+
+def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
+    settings = {"data": args.data, "out_dir": str(out / mode), "preset": "finetune", "max_steps": args.steps,
+                "seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum": 1, "eval_every": 0,
+                "eval_batches": 1, "sample_tokens": 0, "log_every": 1, "warmup_steps": 0, "progress": False,
+                "tensorboard": False, "threads": args.threads, **MODES[mode]}
+    if mode != "full":
+        settings.update(lora_rank=args.rank, lr=1e-4, min_lr=1e-5)
+    cmd = [sys.executable, "-m", "nanogemma", "train", *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())]
+    log = out / f"{mode}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its own rusage, not all children's maximum
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{mode} failed: {log.read_text()[-2000:]}")
+    rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time"] for r in rows if r["kind"] == "train"]
+    steps = [b - a for a, b in zip([0.0] + times, times, strict=False)]
+    ckpt = out / mode / "last"
+    return {"mode": mode, "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+            "step_s": round(statistics.median(steps), 2),
+            "checkpoint_mb": round(sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) / 1e6, 2),
+            "losses": [round(r["loss"], 4) for r in rows if r["kind"] == "train"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="a data folder prepared with --tokenizer gemma")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modes", default=",".join(MODES))
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            print(json.dumps(run_mode(mode, args, Path(tmp))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
