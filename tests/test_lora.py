@@ -1,6 +1,6 @@
 """LoRA (nanogemma/lora.py): the module swap, merge and strip, training adapters only with exact resume, and
 peft adapter folders both ways, on a tiny model; then the real 270M model against transformers + peft, and
-float16 on it.
+float16 (its inference refused, its autocast training working) on it.
 
 Bounds. Where a path is the same arithmetic by construction (fresh adapters add an exact zero; strip puts the
 very modules back; a resumed run redoes the same operations) results are compared bit for bit. Merged
@@ -239,6 +239,17 @@ def test_peft_adapter_loads_into_nanogemma(base, tmp_path, capsys):
     assert "is not a LoRA adapter" in capsys.readouterr().err
 
 
+def test_float16_lora_training_runs(data, base, tmp_path):
+    """float16 autocast with the gradient scaler over a bfloat16 base: finite losses, adapters that moved."""
+    out = tmp_path / "run"
+    r = train(resolve({"data": str(data), "out_dir": str(out), **FAST, **LORA, "init_from": str(base),
+                       "lora_base_dtype": "bfloat16", "dtype": "float16", "max_steps": 3, "eval_every": 0,
+                       "batch_size": 2, "seq_len": 32, "eval_batches": 1}))
+    assert len(r.losses) == 3 and all(torch.isfinite(torch.tensor(r.losses)))
+    assert all(v.abs().max() > 0 for k, v in load_file(str(out / "last" / "model.safetensors")).items()
+               if k.endswith("lora_B"))
+
+
 def test_bad_lora_settings_are_one_line_errors(data):
     with pytest.raises(NanogemmaError, match="LoRA adapts a trained model"):
         resolve({"data": str(data), "lora_rank": 4})
@@ -278,6 +289,12 @@ def test_real_model_lora_against_peft_and_float16(model_and_tok, ref_model, tmp_
                 if k.endswith("lora_B"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
             ours = model(ids)
+        # A float16 training step's forward and backward (autocast: float16 products, float32 residual stream).
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
+        loss.backward()
+        grads = [p.grad for p in lora.adapter_state(model).values()]
+        assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
         lora.save_peft(tmp_path / "adapter", lora.LoRAConfig(rank=8, alpha=16), lora.adapter_state(model),
                        "gemma3-270m")
     finally:
