@@ -4,8 +4,9 @@ bfloat16 or int8 frozen base.
     .venv/bin/python bench/bench_lora.py --data data/stories-gemma --steps 3 --seq-len 256 --threads 2
 
 Each mode is its own `nanogemma train` process (same data, windows and steps), so each peak is that run's
-alone: the kernel's high-water mark of resident memory (`ru_maxrss` from wait4), which includes loading the
-weights. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
+alone, in two phases: setup (loading the weights, freezing or converting them, building the optimizer: the
+kernel's high-water mark of resident memory, VmHWM, when the run prints its banner) and the training steps
+(the mark is then reset through /proc/PID/clear_refs, and read at exit as `ru_maxrss` from wait4). Linux only. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 MODES = {"full": {}, "lora-float32": {"lora_base_dtype": "float32"},
@@ -32,8 +34,16 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
         settings.update(lora_rank=args.rank, lr=1e-4, min_lr=1e-5)
     cmd = [sys.executable, "-m", "nanogemma", "train", *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())]
     log = out / f"{mode}.log"
+    setup_peak = None
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        while setup_peak is None:  # until the banner: the model and optimizer are built, no step taken yet
+            time.sleep(0.1)
+            if proc.poll() is not None:
+                break
+            if "training " in log.read_text():
+                setup_peak = _hwm(proc.pid)
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # restart the high-water mark here
         _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its own rusage, not all children's maximum
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{mode} failed: {log.read_text()[-2000:]}")
@@ -41,10 +51,18 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     times = [r["time"] for r in rows if r["kind"] == "train"]
     steps = [b - a for a, b in zip([0.0] + times, times, strict=False)]
     ckpt = out / mode / "last"
-    return {"mode": mode, "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+    return {"mode": mode, "setup_peak_gib": setup_peak, "steps_peak_gib": round(usage.ru_maxrss / 2**20, 2),
             "step_s": round(statistics.median(steps), 2),
-            "checkpoint_mb": round(sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) / 1e6, 2),
+            "checkpoint_mb": round(sum((ckpt / f).stat().st_size for f in ("model.safetensors", "trainer.pt")) / 1e6, 1),
             "losses": [round(r["loss"], 4) for r in rows if r["kind"] == "train"]}
+
+
+def _hwm(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), GiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    raise RuntimeError("no VmHWM in /proc/PID/status")
 
 
 def main(argv: list[str] | None = None) -> int:
