@@ -92,6 +92,13 @@ def make_model(mcfg: GemmaConfig, state: dict[str, torch.Tensor] | None, cfg: Tr
         adapters = {k: state.pop(k) for k in [k for k in state if is_adapter_key(k)]}
         model = make_model(mcfg, state, cfg.replace(lora_rank=0), device)
         apply_lora(model, lcfg, seed=cfg.seed)
+        if lcfg.base_dtype != "float32":
+            # The loaded weights may be views of one memory-mapped file, which stays mapped (its pages resident,
+            # the float32 projections' among them) while any view lives: own copies of what is left of it.
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dtype == torch.float32 and not p.requires_grad:
+                        p.data = p.data.clone()
         if adapters:
             load_adapter_state(model, adapters, "the checkpoint")
         return model.train()
