@@ -4,9 +4,11 @@ bfloat16 or int8 frozen base.
     .venv/bin/python bench/bench_lora.py --data data/stories-gemma --steps 3 --seq-len 256 --threads 2
 
 Each mode is its own `nanogemma train` process (same data, windows and steps), so each peak is that run's
-alone, in two phases: setup (loading the weights, freezing or converting them, building the optimizer: the
-kernel's high-water mark of resident memory, VmHWM, when the run prints its banner) and the training steps
-(the mark is then reset through /proc/PID/clear_refs, and read at exit as `ru_maxrss` from wait4). Linux only. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
+alone, in three phases: setup (loading the weights, freezing or converting them, building the optimizer),
+the training steps, and the final evaluation (whose full logits, 256 x 262,144 floats per window, are the
+same in every mode). Each phase's peak is the kernel's high-water mark of resident memory (VmHWM) when the
+phase ends (the banner; the last step's metrics line; exit, as `ru_maxrss` from wait4), reset through
+/proc/PID/clear_refs at each phase's start. Linux only. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,25 +35,26 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     if mode != "full":
         settings.update(lora_rank=args.rank, lr=1e-4, min_lr=1e-5)
     cmd = [sys.executable, "-m", "nanogemma", "train", *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())]
-    log = out / f"{mode}.log"
-    setup_peak = None
+    log, metrics = out / f"{mode}.log", out / mode / "metrics.jsonl"
+    peaks: list[float] = []
+    phase_ends = [lambda: "training " in log.read_text(),  # the banner: model and optimizer built, no step yet
+                  lambda: metrics.is_file() and f'"step": {args.steps},' in metrics.read_text()]  # last step logged
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        while setup_peak is None:  # until the banner: the model and optimizer are built, no step taken yet
-            time.sleep(0.1)
-            if proc.poll() is not None:
-                break
-            if "training " in log.read_text():
-                setup_peak = _hwm(proc.pid)
+        while len(peaks) < len(phase_ends) and proc.poll() is None:
+            time.sleep(0.05)
+            if phase_ends[len(peaks)]():
+                peaks.append(_hwm(proc.pid))
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # restart the high-water mark here
-        _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its own rusage, not all children's maximum
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here (not by poll): its own rusage
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{mode} failed: {log.read_text()[-2000:]}")
     rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
     times = [r["time"] for r in rows if r["kind"] == "train"]
     steps = [b - a for a, b in zip([0.0] + times, times, strict=False)]
     ckpt = out / mode / "last"
-    return {"mode": mode, "setup_peak_gib": setup_peak, "steps_peak_gib": round(usage.ru_maxrss / 2**20, 2),
+    return {"mode": mode, "setup_peak_gib": peaks[0], "steps_peak_gib": peaks[1],
+            "eval_peak_gib": round(usage.ru_maxrss / 2**20, 2),
             "step_s": round(statistics.median(steps), 2),
             "checkpoint_mb": round(sum((ckpt / f).stat().st_size for f in ("model.safetensors", "trainer.pt")) / 1e6, 1),
             "losses": [round(r["loss"], 4) for r in rows if r["kind"] == "train"]}
