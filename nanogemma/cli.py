@@ -51,6 +51,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+def _add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter merged into the model after loading: a peft folder (adapter_config.json "
+                        "+ adapter_model.safetensors) or a run of `nanogemma train --lora-rank N`")
+
+
 def _add_speed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int8-wo"],
                    help="int8 weights for faster CPU decoding: int8 (dynamic, fastest on x86) or int8-wo "
@@ -98,7 +104,8 @@ def _load_for_inference(args: argparse.Namespace):
     """The model and tokenizer for generate and chat: int8 with --quantize, else packed (not with --compile)."""
     from .weights import load_for_inference
 
-    return load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile)
+    return load_for_inference(args.model, args.dtype, args.device, args.quantize, pack=not args.compile,
+                              adapter=getattr(args, "adapter", None))
 
 
 def _speculation(args: argparse.Namespace, tok):
@@ -123,6 +130,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-file", default=None,
                    help="read several prompts from this UTF-8 file, one prompt a line (empty lines skipped)")
     _add_model_flags(p)
+    _add_adapter_flag(p)
     _add_speed_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="most tokens to generate per prompt (default 64); generation also ends at the "
@@ -168,7 +176,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     jax = getattr(args, "backend", "torch") == "jax"
     if jax:  # flags that mean something only to PyTorch are refused, not silently ignored
-        for flag in ("quantize", "speculate"):
+        for flag in ("quantize", "speculate", "adapter"):
             if getattr(args, flag, None):
                 raise NanogemmaError(f"--{flag} is a PyTorch feature; drop it or use --backend torch")
     prompts, params, stop = _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop]
@@ -239,6 +247,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                                    "bundled gemma3-270m is a base model, whose replies stop where it starts "
                                    "writing a new turn.")
     _add_model_flags(p)
+    _add_adapter_flag(p)
     _add_speed_flags(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
     _add_speculation_flags(p)
@@ -557,8 +566,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    ".gguf file with the tokenizer inside that llama.cpp runs (--to gguf).")
     p.add_argument("source", metavar="RUN_DIR", help="the model to export")
     p.add_argument("out_dir", metavar="OUT", help="the folder (hf) or .gguf file (gguf) to write")
-    p.add_argument("--to", required=True, choices=["hf", "gguf"],
-                   help="output format: hf (Hugging Face transformers) or gguf (llama.cpp, ollama)")
+    p.add_argument("--to", required=True, choices=["hf", "gguf", "peft"],
+                   help="output format: hf (Hugging Face transformers; a LoRA run's adapters merged in), gguf "
+                        "(llama.cpp, ollama) or peft (a LoRA run's adapters alone, for peft.PeftModel)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="hf: dtype of the written weights (default float32)")
     p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0"],
@@ -575,8 +585,13 @@ def _run_export(args: argparse.Namespace) -> int:
             raise NanogemmaError("--dtype is for --to hf; a GGUF's weights are chosen with --type f32|f16|bf16|q8_0")
         print(export_gguf(args.source, args.out_dir, args.type or "f32", args.overwrite))
         return 0
-    from .tools.export import export_hf
+    from .tools.export import export_hf, export_peft
 
+    if args.to == "peft":
+        if args.dtype is not None or args.type is not None:
+            raise NanogemmaError("--to peft writes the float32 adapters as trained; drop --dtype / --type")
+        print(export_peft(args.source, args.out_dir, args.overwrite))
+        return 0
     if args.type is not None:
         raise NanogemmaError("--type is for --to gguf; Hugging Face weights are chosen with --dtype")
     print(export_hf(args.source, args.out_dir, args.dtype or "float32", args.overwrite))
@@ -602,6 +617,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="tokens per request, prompt plus reply (default 8192, at most the model's context)")
     p.add_argument("--step-tokens", type=int, default=256,
                    help="tokens one engine step may feed, decode and prompt chunks together (default 256)")
+    p.add_argument("--prefix-cache", type=int, default=8,  # engine.DEFAULT_PREFIX_CACHE
+                   help="prompt prefixes kept for reuse, e.g. a shared system prompt (default 8, 0: off; "
+                        "each holds a slot's cache rows)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -613,7 +631,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     return serve(args.model, args.host, args.port, args.dtype, args.device, args.quantize, args.slots,
                  args.max_queue, args.api_key, args.context, args.step_tokens, args.timeout,
-                 compile=args.compile, log_level=args.log_level)
+                 compile=args.compile, log_level=args.log_level, prefix_cache=args.prefix_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,13 @@ attention sees its own history and nothing else, whatever the other slots hold.
    repetition history), and finish a request at a stop id, at `max_new_tokens` or at the context limit.
    Its slot is free for the next step.
 
+**Prefix reuse** (`prefix_cache=N`). Requests often share a beginning (a system prompt, a few-shot
+preamble). Prompts are then prefilled in chunks that end on multiples of `PREFIX_BLOCK` tokens where they
+can (the last boundary a step's budget reaches, and the last one before the prompt's end); after a chunk
+that ends on one, the slot's cache rows are copied aside, keyed by the tokens so far (at most N copies,
+least recently used out). A new request starts from the longest copy that begins its prompt: its slot
+gets the copy's rows, bit for bit what feeding those tokens wrote, and only the rest is prefilled.
+
 **Exactness.** A slot computes what a lone `generate` computes: same positions, same keys, masked the same
 way. The numbers can differ only in the last bits of float arithmetic, where a batched or differently
 chunked matrix product rounds differently from a batch-1 one; greedy tokens are therefore equal except
@@ -60,6 +67,8 @@ from .sampling import Sampler
 DEFAULT_SLOTS = 8
 DEFAULT_STEP_TOKENS = 256
 DEFAULT_CONTEXT = 8192
+PREFIX_BLOCK = 64  # prefix reuse works in whole blocks of this many prompt tokens
+DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
 
 
 class QueueFull(NanogemmaError):
@@ -154,6 +163,23 @@ class SlotCache(nn.Module):
             layer.pos[slot].fill_(-1)
         self.lengths[slot] = 0
 
+    @torch.inference_mode()
+    def snapshot(self, slot: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Copies of one slot's filled entries, layer by layer (a ring that has not wrapped yet holds
+        positions 0..n-1 in entries 0..n-1, like a global layer; a wrapped one is copied whole)."""
+        n = self.lengths[slot]
+        return [(layer.k[slot, :, :n].clone(), layer.v[slot, :, :n].clone(), layer.pos[slot, :n].clone())
+                for layer in self.layers]
+
+    @torch.inference_mode()
+    def restore(self, slot: int, rows: list[tuple[Tensor, Tensor, Tensor]], length: int) -> None:
+        """Give `slot` the entries of a snapshot taken after `length` tokens."""
+        self.clear(slot)
+        for layer, (k, v, pos) in zip(self.layers, rows, strict=True):
+            n = pos.shape[0]
+            layer.k[slot, :, :n], layer.v[slot, :, :n], layer.pos[slot, :n] = k, v, pos
+        self.lengths[slot] = length
+
     def plan_chunk(self, slot: int) -> None:
         self.plan.row, self.plan.start = slot, self.lengths[slot]
 
@@ -175,6 +201,32 @@ class SlotCache(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class PrefixCache:
+    """Snapshots of a slot's cache after a prompt's first k * PREFIX_BLOCK tokens, least recently used out."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: collections.OrderedDict[tuple[int, ...], list] = collections.OrderedDict()
+
+    def longest(self, prompt: Sequence[int]) -> tuple[int, list | None]:
+        """The longest stored prefix of `prompt` that leaves at least one token to feed (for the logits)."""
+        for n in range(((len(prompt) - 1) // PREFIX_BLOCK) * PREFIX_BLOCK, 0, -PREFIX_BLOCK):
+            rows = self.entries.get(tuple(prompt[:n]))
+            if rows is not None:
+                self.entries.move_to_end(tuple(prompt[:n]))
+                return n, rows
+        return 0, None
+
+    def put(self, prefix: Sequence[int], rows: list) -> None:
+        self.entries[tuple(prefix)] = rows
+        self.entries.move_to_end(tuple(prefix))
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def __contains__(self, prefix: Sequence[int]) -> bool:
+        return tuple(prefix) in self.entries
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -218,6 +270,8 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     busy_seconds: float = 0.0
+    prefix_hits: int = 0  # requests that started from a stored prefix
+    prefix_tokens: int = 0  # prompt tokens those requests did not have to prefill
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -227,12 +281,13 @@ class Engine:
     """A model serving up to `slots` requests at once; `submit` from any thread, `run` in one thread.
 
     `max_len` is each slot's context (prompt plus new tokens), `step_tokens` the tokens one step may feed
-    (decode and prefill together), `max_queue` how many requests may wait for a slot.
+    (decode and prefill together), `max_queue` how many requests may wait for a slot, `prefix_cache` how many
+    prompt prefixes to keep for reuse (0: none).
     """
 
     def __init__(self, model: Gemma, slots: int = DEFAULT_SLOTS, max_len: int | None = None,
                  step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = 64, compile: bool | str = False,
-                 pad_id: int = 0):
+                 pad_id: int = 0, prefix_cache: int = 0):
         cfg = model.config
         if slots < 1:
             raise NanogemmaError(f"--slots must be >= 1, got {slots}")
@@ -240,6 +295,9 @@ class Engine:
             raise NanogemmaError(f"the step token budget must be >= 1, got {step_tokens}")
         if max_queue < 0:
             raise NanogemmaError(f"--max-queue must be >= 0, got {max_queue}")
+        if prefix_cache < 0:
+            raise NanogemmaError(f"--prefix-cache must be >= 0, got {prefix_cache}")
+        self.prefixes = PrefixCache(prefix_cache) if prefix_cache else None
         self.model, self.slots, self.pad_id = model, slots, pad_id
         self.max_len = min(max_len or min(DEFAULT_CONTEXT, cfg.max_seq_len), cfg.max_seq_len)
         if self.max_len < 2:
@@ -315,9 +373,8 @@ class Engine:
         prefilling = sorted((r for r in self.active if r is not None and r.fed < len(r.prompt)),
                             key=lambda r: r.submitted)
         for req in prefilling:
-            if budget <= 0:
-                break
-            budget -= self._prefill(req, budget)
+            while budget > 0 and req.fed < len(req.prompt):  # several chunks when they end on block boundaries
+                budget -= self._prefill(req, budget)
         self.stats.steps += 1
         self.stats.busy_seconds += time.perf_counter() - t0
         return True
@@ -325,6 +382,13 @@ class Engine:
     def _admit(self, req: Request, slot: int) -> None:
         self.cache.clear(slot)
         req.slot, req.fed = slot, 0
+        if self.prefixes is not None:
+            n, rows = self.prefixes.longest(req.prompt)
+            if rows is not None:
+                self.cache.restore(slot, rows, n)
+                req.fed = n
+                self.stats.prefix_hits += 1
+                self.stats.prefix_tokens += n
         req.sampler = Sampler(req.params, 1, self.model.config.vocab_size, self.model.device)
         req.sampler.observe([req.prompt])
         self.active[slot] = req
@@ -332,6 +396,10 @@ class Engine:
     def _prefill(self, req: Request, budget: int) -> int:
         """Feed the next chunk of a prompt (at most `budget` tokens); returns the tokens fed."""
         slot = req.slot
+        if self.prefixes is not None:  # end the chunk on the last block boundary it reaches: a prefix to keep
+            aligned = min(req.fed + budget, len(req.prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+            if aligned > req.fed:
+                budget = aligned - req.fed
         chunk = req.prompt[req.fed:req.fed + budget]
         start = self.cache.lengths[slot]
         device = self.model.device
@@ -342,6 +410,9 @@ class Engine:
         self.cache.lengths[slot] += len(chunk)
         req.fed += len(chunk)
         self.stats.prompt_tokens += len(chunk)
+        if (self.prefixes is not None and req.fed % PREFIX_BLOCK == 0 and req.fed < len(req.prompt)
+                and req.prompt[:req.fed] not in self.prefixes):
+            self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(slot))
         if req.fed == len(req.prompt):
             self._emit(req, logits)
         return len(chunk)

@@ -236,14 +236,21 @@ def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: in
                    params: SamplingParams | None = None, add_bos: bool = True, stop: Sequence[str] = (),
                    stream: Callable[[int, str], None] | None = None, compile: bool | str = False,
                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None,
-                   timing: dict | None = None) -> list[str]:
+                   fast: bool = True, timing: dict | None = None) -> list[str]:
     """Continue several prompts together; returns the new text of each. `stream(row, piece)` sees text as it comes.
     `timing`, if given, gets the prompt tokens and the times `decoding.stream_text` records.
 
     Greedy results equal generating each prompt alone: rows are left-padded and the pads masked out.
+    `fast` decodes a plain CPU model through its packed twin (`quantize.packed_view`): the same float32
+    arithmetic in another summation order, at the CLI's speed; `model` itself is not changed.
     """
+    if isinstance(prompts, str):
+        raise NanogemmaError("generate_batch takes a list of prompts; for one prompt use generate(model, tok, prompt)")
     ids = [tok.encode(p, add_bos=add_bos) for p in prompts]
     pad = getattr(tok, "pad_id", 0) or 0
+    if fast and not compile:  # torch.compile traces the plain modules; it cannot trace packed weights
+        from .quantize import packed_view
+        model = packed_view(model)
     decoder = Decoder(model, ids, max_new_tokens, params, stop_ids_for(tok), compile, prefill_chunk, pad,
                       speculation)
     if timing is not None:
@@ -251,25 +258,21 @@ def generate_batch(model: Gemma, tok, prompts: Sequence[str], max_new_tokens: in
     return stream_text(decoder, tok, len(prompts), stop, stream, timing)
 
 
-def generate(model: Gemma, tok, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+def generate(model: Gemma, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              add_bos: bool = True, stream: Callable[[str], None] | None = None, *, min_p: float | None = None,
              repetition_penalty: float = 1.0, stop: Sequence[str] = (), compile: bool | str = False,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> str | list[str]:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, fast: bool = True) -> str:
     """Continue `prompt`; return the new text only. `stream` is called with each new piece of text.
-    A list of prompts is generated as one batch and gives a list of texts (`stream` is for one prompt).
 
     Stops at <eos>/<end_of_turn>, at the first of the `stop` strings (which is not included), after
-    `max_new_tokens`, or at the context limit. Sampling is reproducible with `seed`.
+    `max_new_tokens`, or at the context limit. Sampling is reproducible with `seed`. On a CPU the decoding
+    runs through packed kernels (`fast`, see `generate_batch`); `model(ids)` stays the plain module.
     """
-    many = isinstance(prompt, (list, tuple))
-    prompts = list(prompt) if many else [prompt]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise NanogemmaError(f"generate takes a prompt string or a non-empty list of strings, not {prompt!r:.80}")
-    if many and stream is not None:
-        raise NanogemmaError("stream= is for one prompt; for a list, use generate_batch with stream(row, piece)")
+    if not isinstance(prompt, str):
+        raise NanogemmaError(f"generate takes one prompt (a str), not {type(prompt).__name__}; "
+                             "for several prompts use generate_batch(model, tok, prompts)")
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     sink = (lambda _row, piece: stream(piece)) if stream else None
-    texts = generate_batch(model, tok, prompts, max_new_tokens, params, add_bos, stop, sink, compile,
-                           prefill_chunk)
-    return texts if many else texts[0]
+    return generate_batch(model, tok, [prompt], max_new_tokens, params, add_bos, stop, sink, compile,
+                          prefill_chunk, fast=fast)[0]

@@ -27,6 +27,7 @@ The embedding lookup keeps the model's own table (exact inputs); only the head t
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import warnings
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import NanogemmaError
-from .model import MLP, Attention, Gemma
+from .model import MLP, Attention, Gemma, TiedHead
 
 MODES = ("int8", "int8-wo")
 
@@ -283,6 +284,51 @@ def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
     _convert(model, lambda w: PackedLinear(w, keep_weight=False))
     model.lm_head = packed_head
     return model
+
+
+def converted(model: Gemma) -> bool:
+    """Whether inference kernels were already swapped into `model` (packed or int8)."""
+    return not isinstance(model.lm_head, (nn.Linear, TiedHead))
+
+
+# One packed twin per plain model, rebuilt when its weights change (training, `load_state_dict`, `.to()`).
+_VIEWS: weakref.WeakKeyDictionary[Gemma, tuple[tuple, Gemma]] = weakref.WeakKeyDictionary()
+
+
+def _weights_signature(model: Gemma) -> tuple:
+    # `_version` counts in-place writes (an optimizer step, `copy_`); data_ptr and dtype see replaced tensors.
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+
+def packed_view(model: Gemma) -> Gemma:
+    """A twin of a plain CPU model with packed kernels, for generation; `model` itself is left as it is.
+
+    `nanogemma.generate` decodes through this, so a library user gets the CLI's speed while `model(ids)`
+    stays the plain module that trains, saves and inspects as before. The twin shares the embedding, the
+    norms and the RoPE buffers; its packed copies of the projections and the head cost about the model's
+    size again in memory (`weights.load_for_inference` packs in place instead, as the CLI does). It is built
+    once and rebuilt when any weight of `model` has changed since. Models that cannot be packed (CUDA,
+    float16, a CPU without oneDNN, already converted ones) are returned unchanged.
+    """
+    head = getattr(model.lm_head, "weight", None)
+    if converted(model) or head is None or not PackedLinear.available(head):
+        return model
+    signature = _weights_signature(model)
+    hit = _VIEWS.get(model)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    _VIEWS.pop(model, None)  # the stale twin's memory goes before the new one is built
+    twin = copy.copy(model)
+    twin._modules = dict(model._modules)  # a shallow copy would share (and so swap into) the model's own dict
+    twin.layers = nn.ModuleList(copy.copy(block) for block in model.layers)
+    for block in twin.layers:
+        block._modules = dict(block._modules)
+    try:
+        pack_model(twin)
+    except (RuntimeError, NotImplementedError):
+        return model
+    _VIEWS[model] = (signature, twin)
+    return twin
 
 
 def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:

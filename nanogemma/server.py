@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .decoding import SamplingParams, TextStream, stop_ids_for
-from .engine import DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, Engine, QueueFull, Request
+from .engine import DEFAULT_PREFIX_CACHE, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, Engine, QueueFull, Request
 from .errors import NanogemmaError
 
 DEFAULT_MAX_TOKENS = 512  # when a request does not say (bounded by the room left in the context)
@@ -588,6 +588,10 @@ def prometheus_text(state: ServerState) -> str:
         metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [("", s.prompt_tokens)])
         metric("generation_tokens_total", "counter", "tokens generated", [("", s.generated_tokens)])
         metric("engine_steps_total", "counter", "engine steps", [("", s.steps)])
+        metric("prefix_hits_total", "counter", "requests that started from a stored prompt prefix",
+               [("", s.prefix_hits)])
+        metric("prefix_tokens_total", "counter", "prompt tokens taken from stored prefixes, not prefilled",
+               [("", s.prefix_tokens)])
     metric("generation_tokens_per_second", "gauge", f"tokens sent over the last {m.WINDOW:g} s, per second",
            [("", m.tokens_per_second(time.monotonic()))])
     name = "time_to_first_token_seconds"
@@ -606,20 +610,21 @@ def prometheus_text(state: ServerState) -> str:
 
 def load_engine(model: str | None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None,
                 slots: int = DEFAULT_SLOTS, max_queue: int = 64, context: int | None = None,
-                step_tokens: int = DEFAULT_STEP_TOKENS, compile: bool = False):
+                step_tokens: int = DEFAULT_STEP_TOKENS, compile: bool = False,
+                prefix_cache: int = DEFAULT_PREFIX_CACHE):
     """Load a model as `generate` does and wrap it in an engine: (engine, tokenizer)."""
     from .weights import load_for_inference
 
     m, tok = load_for_inference(model, dtype, device, quantize, pack=not compile)
     return Engine(m, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue,
-                  compile=compile, pad_id=getattr(tok, "pad_id", 0) or 0), tok
+                  compile=compile, pad_id=getattr(tok, "pad_id", 0) or 0, prefix_cache=prefix_cache), tok
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
           device: str = "cpu", quantize: str | None = None, slots: int = DEFAULT_SLOTS, max_queue: int = 64,
           api_key: str | None = None, context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
           timeout: float = DEFAULT_TIMEOUT, max_body: int = DEFAULT_MAX_BODY, compile: bool = False,
-          log_level: str = "info") -> int:
+          log_level: str = "info", prefix_cache: int = DEFAULT_PREFIX_CACHE) -> int:
     """Run the server until interrupted. The port opens at once; /health answers 503 until the model is loaded."""
     try:
         import uvicorn
@@ -630,6 +635,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
             raise NanogemmaError(f"{name} must be >= 1, got {value}")
     if max_queue < 0:
         raise NanogemmaError(f"--max-queue must be >= 0, got {max_queue}")
+    if prefix_cache < 0:
+        raise NanogemmaError(f"--prefix-cache must be >= 0, got {prefix_cache}")
     if not 0 < port < 65536:
         raise NanogemmaError(f"--port must be in 1..65535, got {port}")
     if not timeout > 0:
@@ -639,7 +646,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
 
     def load() -> None:
         try:
-            state.start(*load_engine(model, dtype, device, quantize, slots, max_queue, context, step_tokens, compile))
+            state.start(*load_engine(model, dtype, device, quantize, slots, max_queue, context, step_tokens, compile,
+                                    prefix_cache))
         except Exception as e:  # reported by /health and every call, as a NanogemmaError would be
             state.load_error = f"the model failed to load: {e}"
 

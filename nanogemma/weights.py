@@ -134,7 +134,19 @@ def load_state(name_or_path: str | Path | None = None) -> tuple[GemmaConfig, dic
         meta = json.loads((path / "nanogemma.json").read_text())
         cfg = GemmaConfig.from_dict(meta["model"])
         state = _load_safetensors(path / "model.safetensors")
+        if meta.get("lora"):  # a LoRA run holds adapters only: the model is its base with them merged in
+            from .lora import LoRAConfig, merged_state
+
+            state = merged_state(lora_base_state(meta["lora"], path), state, LoRAConfig.from_dict(meta["lora"]))
     return cfg, state, path
+
+
+def lora_base_state(lora: dict, run: Path) -> dict[str, torch.Tensor]:
+    """The frozen weights a LoRA run's adapters go on: its `--init-from` model, which its metadata names."""
+    try:
+        return load_state(lora["base"])[1]
+    except NanogemmaError as e:
+        raise NanogemmaError(f"{run} is a LoRA run on {lora['base']}, which cannot be loaded: {e}") from None
 
 
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -186,13 +198,17 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
 
 
 def load_for_inference(name_or_path: str | None, dtype: str = "float32", device: str = "cpu",
-                       quantize: str | None = None, pack: bool = True):
+                       quantize: str | None = None, pack: bool = True, adapter: str | Path | None = None):
     """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
     and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
-    weights)."""
+    weights). `adapter`, a LoRA folder (peft's or a LoRA run), is merged into the weights first."""
     from .quantize import pack_model, quantize_model
 
     def prepare(model: Gemma, go: threading.Event) -> None:
+        if adapter is not None:
+            from .lora import add_adapter
+
+            add_adapter(model, adapter)
         if quantize:
             quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
         elif pack:

@@ -64,3 +64,15 @@ def write_hub_cache(cache: Path, repo_id: str, files: Path, commit: str = "0" * 
             blob.write_bytes(f.read_bytes())
         (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
     return snapshot
+
+
+class ByteTok:
+    """Token 10 + b for byte b; <pad> 0, <eos> 1, <bos> 2, <end_of_turn> 5. Other ids decode to nothing."""
+
+    bos_id, eos_id, pad_id, end_of_turn_id = 2, 1, 0, 5
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return [2] * add_bos + [10 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 10 for i in ids if 10 <= i < 266).decode("utf-8", errors="replace")

@@ -236,3 +236,29 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model):
     run_all(engine)
     assert long.tokens == lone(model, prompt(200, seed=8), 5)
     assert [r.tokens for r in short] == [lone(model, prompt(n, seed=8), 40) for n in (3, 7)]
+
+
+def test_a_shared_prefix_is_prefilled_once_and_changes_no_token(model):
+    """Requests that begin with the same 140 tokens (a system prompt) reuse its cache rows, block by block."""
+    from nanogemma.engine import PREFIX_BLOCK
+
+    system = prompt(140, seed=5)
+    prompts = [system + prompt(n, seed=s) for s, n in [(1, 5), (2, 30), (3, 12)]] + [prompt(100)]
+    expected = [lone(model, p, 20) for p in prompts]
+    engine = Engine(model, slots=2, max_len=256, step_tokens=48, prefix_cache=2)
+    assert engine.generate(prompts[:1], 20) == expected[:1]
+    assert engine.stats.prefix_hits == 0 and len(engine.prefixes.entries) == 2  # after 64 and 128 tokens
+    assert engine.generate(prompts[1:], 20) == expected[1:]
+    full = 140 // PREFIX_BLOCK * PREFIX_BLOCK
+    assert engine.stats.prefix_hits == 2 and engine.stats.prefix_tokens == 2 * full
+    # The unrelated prompt's first block came in; the least recently used (the system prompt's first block) went.
+    assert system[:full] in engine.prefixes and system[:PREFIX_BLOCK] not in engine.prefixes
+    assert prompts[3][:PREFIX_BLOCK] in engine.prefixes
+    # A stored copy is bit for bit what a cold prefill of those tokens writes.
+    cold = Engine(model, slots=1, max_len=256, step_tokens=48, prefix_cache=3)
+    cold.generate([system + [7]], 1)
+    for (k, v, pos), (k2, v2, pos2) in zip(cold.prefixes.entries[tuple(system[:full])],
+                                           engine.prefixes.entries[tuple(system[:full])], strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(pos, pos2)
+    with pytest.raises(NanogemmaError, match="prefix-cache"):
+        Engine(model, prefix_cache=-1)

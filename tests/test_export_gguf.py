@@ -116,7 +116,7 @@ def check_tokenizer(path, tok, texts: list[str], read_back: bool = False) -> Non
 
 
 def corpus() -> list[str]:
-    from test_tokenizer import CORPUS  # the tokenizer's own test corpus (tests/ is on sys.path under pytest)
+    from texts import CORPUS  # the tokenizer's own test corpus (tests/ is on sys.path under pytest)
 
     return CORPUS
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli, tiny_model  # tests/ is on sys.path (pytest's rootdir import mode)
+from helpers import ByteTok, cli, tiny_model  # tests/ is on sys.path (pytest's rootdir import mode)
 
 from nanogemma.decoding import SamplingParams, TextStream
 from nanogemma.errors import NanogemmaError
@@ -19,18 +19,6 @@ from nanogemma.model import Gemma
 from nanogemma.quantize import Int8Linear, quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class ByteTok:
-    """Token 10 + b for byte b; <pad> 0, <eos> 1, <bos> 2, <end_of_turn> 5. Other ids decode to nothing."""
-
-    bos_id, eos_id, pad_id, end_of_turn_id = 2, 1, 0, 5
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return [2] * add_bos + [10 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids) -> str:
-        return bytes(i - 10 for i in ids if 10 <= i < 266).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from reference import TIE_FACTOR, float32_floor, in_float64
-from test_parity import PROMPTS
+from texts import PROMPTS
 
 pytestmark = pytest.mark.slow  # the real 270M model (still part of `make test`)
 

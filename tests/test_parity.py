@@ -7,20 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from texts import PROMPTS  # tests/ is on sys.path (pytest's rootdir import mode)
 
 from nanogemma.weights import hf_state_dict
-
-LONG = " ".join(
-    f"Chapter {i}. The lighthouse keeper counted {i * 7} ships before the storm, and wrote each name down."
-    for i in range(40)
-)
-PROMPTS = {
-    "short": "Once upon a time",
-    "question": "The capital of France is",
-    "code": "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "multilingual": "日本の首都は東京です。 La capitale de l'Italie est Rome. العاصمة",
-    "long": LONG,  # > 600 tokens: past the 512-token sliding window
-}
 
 
 def test_weights_equal_reference(model_and_tok, ref_model):

@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
-from reference import in_float64
+from helpers import ByteTok, tiny_model
+from reference import assert_same_greedy, in_float64
 
+from nanogemma.errors import NanogemmaError
 from nanogemma.generation import generate_ids
 from nanogemma.model import TiedHead
 from nanogemma.quantize import Int8Linear, PackedLinear, native_bf16, pack_model, quantize_model
@@ -151,3 +152,35 @@ def test_loading_does_not_import_torch_dynamo(tiny_hf):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+@needs_onednn
+def test_generate_decodes_a_plain_model_through_its_packed_twin():
+    """The library's `generate` reaches the packed kernels by itself, and leaves the model a plain module."""
+    from nanogemma.generation import generate, generate_batch
+    from nanogemma.quantize import converted, packed_view
+
+    model, tok = tiny_model(), ByteTok()
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    twin = packed_view(model)
+    assert twin is not model and converted(twin) and not converted(model)
+    assert isinstance(twin.layers[0].attn.wqkv, PackedLinear) and isinstance(model.layers[0].attn.wq, torch.nn.Linear)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before  # the model's own weights, untouched
+    assert twin.embed is model.embed and twin.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    assert packed_view(model) is twin  # built once
+    prompt = tok.encode("Once upon")
+    fast = tok.encode(generate(model, tok, "Once upon", max_new_tokens=40), add_bos=False)
+    plain = tok.encode(generate(model, tok, "Once upon", max_new_tokens=40, fast=False), add_bos=False)
+    assert_same_greedy(model, prompt, fast, plain, what="packed twin vs plain")
+    # Training changes the weights in place: the next generation sees them, through a rebuilt twin.
+    with torch.no_grad():
+        model.layers[0].mlp.down.weight.mul_(-1)
+    assert packed_view(model) is not twin
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed_view(model)(ids), model(ids), rtol=0, atol=1e-4)
+    assert packed_view(quantize_model(tiny_model())).lm_head.__class__ is Int8Linear  # converted: left as it is
+    with pytest.raises(NanogemmaError, match="one prompt"):
+        generate(model, tok, ["a", "b"])
+    with pytest.raises(NanogemmaError, match="list of prompts"):
+        generate_batch(model, tok, "ab")

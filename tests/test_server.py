@@ -187,7 +187,8 @@ def test_models_health_and_metrics(server, client):
     status, headers, text = server.request("GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     for name in ("requests_total", "queue_depth", "active_slots", "generation_tokens_per_second",
-                 "time_to_first_token_seconds_bucket", "time_to_first_token_seconds_count"):
+                 "time_to_first_token_seconds_bucket", "time_to_first_token_seconds_count", "prefix_hits_total",
+                 "prefix_tokens_total"):
         assert f"nanogemma_{name}" in text
     count = next(line for line in text.splitlines() if line.startswith("nanogemma_time_to_first_token_seconds_count"))
     assert int(count.split()[-1]) >= 1

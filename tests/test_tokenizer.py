@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import re
 import types as types_module
 
 import pytest
+from texts import CORPUS  # tests/ is on sys.path (pytest's rootdir import mode)
 
 from nanogemma import tokenizer as tokenizer_module
 from nanogemma.errors import NanogemmaError
@@ -16,138 +16,6 @@ from nanogemma.tokenizer import SentencePieceEngine, Tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------- corpus
 
-HANDWRITTEN = [
-    "",
-    " ",
-    "  ",
-    "\n",
-    "\t",
-    "Hello world",
-    "Hello, world!",
-    " Hello world",
-    "Hello world ",
-    "   leading and trailing   ",
-    "The quick brown fox jumps over the lazy dog.",
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-    "foolishness, it was the epoch of belief, it was the epoch of incredulity.",
-    "Don't stop-believing; it's the 'end' of \"quotes\"... (really?) [yes] {no}",
-    "Mr. O'Neil's co-operative re-entry wasn't pre-approved.",
-    "ALL CAPS SENTENCE WITH NUMBERS 123 AND SYMBOLS #@!",
-    "lowercase-with-dashes_and_underscores.and.dots",
-    "CamelCaseIdentifiersLikeThisOne and snake_case_ones",
-    "one\ntwo\n\nthree\n\n\nfour\n\n\n\n\n\n\n\n\n\n\n\nfive",
-    "tabs\tbetween\t\twords\t\t\t\there",
-    "\r\nwindows\r\nline\r\nendings\r\n",
-    "mixed \t\n \t\n whitespace \n\t ",
-    " " * 31 + "x",
-    " " * 40,
-    "\n" * 40,
-    "\t" * 40,
-    "a" * 200,
-    "ab" * 100,
-    "<start_of_turn>user\nHi<end_of_turn>\n",
-    "<start_of_turn>user\nWrite a poem.<end_of_turn>\n<start_of_turn>model\n",
-    "<bos>",
-    "<eos>",
-    "<pad>",
-    "<unk>",
-    "<mask>",
-    "<bos><bos><eos>",
-    "text<eos>more text<pad><pad>",
-    "<start_of_turn> spaced <end_of_turn>",
-    "<start_of_image><end_of_image>",
-    "<unused0> <unused99> <unused6241>",
-    "<table><tr><td>cell</td></tr></table>",
-    "[multimodal]",
-    "<start_of_turn",
-    "<bos ",
-    "< bos>",
-    "😀",
-    "😀😃😄😁😆😅😂🤣",
-    "👩‍👩‍👧‍👦 family",
-    "👍🏻👍🏼👍🏽👍🏾👍🏿",
-    "🏳️‍🌈 and 🏴‍☠️",
-    "🇯🇵🇺🇸🇫🇷",
-    "I ❤️ Unicode ✨",
-    "中文测试：你好，世界！",
-    "我爱北京天安门",
-    "日本語のテキストです。カタカナとひらがな。",
-    "東京は日本の首都です",
-    "한국어 텍스트입니다. 안녕하세요!",
-    "العربية: مرحبا بالعالم",
-    "עברית: שלום עולם",
-    "हिन्दी: नमस्ते दुनिया",
-    "ภาษาไทย: สวัสดีชาวโลก",
-    "Русский язык: Привет, мир!",
-    "Ελληνικά: Γειά σου Κόσμε",
-    "Tiếng Việt: Xin chào thế giới",
-    "Türkçe: Merhaba dünya, ğüşıöç",
-    "Ǆemal Ĳsselmeer ﬁnance ﬀ",
-    "English, 中文, العربية, עברית and Русский in one line",
-    "e\u0301 vs \u00e9",
-    "Z\u0351\u0356\u0317\u0324a\u0360\u0315l\u0358g\u0362o",
-    "a\u0300\u0301\u0302\u0303\u0304\u0305\u0306\u0307",
-    "\u1100\u1161\u11a8 (conjoining jamo)",
-    "\ue000\ue001\uf8ff private use",
-    "\U000f0000\U0010fffd supplementary private use",
-    "\U00020000\U0002a6d6\U00030000 CJK extension",
-    "\U0001d11e\U0001d400\U0001d7d8 math alphanumerics",
-    "control \x00\x01\x02\x07\x08\x0b\x0c\x1b\x7f chars",
-    "\u200b\u200c\u200d\u2060\ufeff zero width",
-    "\u00a0nbsp\u2009thin\u3000ideographic",
-    "\u2028line\u2029paragraph",
-    "a\u2581b literal lower one eighth block",
-    "\ufffd replacement char",
-    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
-    "class Foo(Bar):\n\tdef __init__(self, *args, **kwargs) -> None:\n\t\tsuper().__init__()\n",
-    "import numpy as np\nx = np.arange(10).reshape(2, 5)\nprint(x @ x.T)",
-    'for i in range(10): print(f"{i:>4d} {i**2:08.3f}")',
-    '{"name": "nanogemma", "version": "0.1.0", "tags": ["a", "b"], "n": null, "ok": true}',
-    '[\n  {\n    "id": 1,\n    "value": 3.14e-10\n  }\n]',
-    '<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>T</title></head>\n</html>',
-    '<div class="container"><p style="color: red;">Hello &amp; goodbye &lt;3</p></div>',
-    "#!/usr/bin/env bash\nset -euo pipefail\nfor f in *.txt; do echo \"$f\" | wc -c; done 2>&1 | tee log",
-    "ls -la | grep '^d' | awk '{print $9}' && cd ~/src && make -j$(nproc)",
-    "SELECT id, name FROM users WHERE age >= 18 ORDER BY name DESC LIMIT 10;",
-    "fn main() { let v: Vec<u8> = vec![1, 2, 3]; println!(\"{:?}\", v); }",
-    "int main(void) { return printf(\"%d\\n\", 42) < 0; }",
-    "$ x^2 + y^2 = z^2 $ and \\frac{a}{b} \\sum_{i=0}^{n} i",
-    "∀x ∈ ℝ: x² ≥ 0 ⇒ √(x²) = |x|; ∫₀^∞ e^{-x} dx = 1; ∑ ∏ ∂ ∇ ≈ ≠ ≤ ≥ ∞",
-    "⌘⌥⇧⌃ ←↑→↓ ♠♣♥♦ ★☆ ✓✗ ①②③",
-    "https://example.com/path/to/page?query=1&other=two#fragment",
-    "http://user:pass@sub.domain.co.uk:8080/a/b.c?x=%20y",
-    "mailto:someone@example.org and ftp://files.example.net/pub/",
-    "0",
-    "42",
-    "3.14159265358979323846264338327950288419716939937510",
-    "1,234,567.89 and 1.234.567,89",
-    "-0.0 +1e10 0x1F 0b1010 0o777 1_000_000",
-    "2024-01-31T23:59:59Z",
-    "phone: +1 (555) 123-4567",
-    "$100.00 €99,99 £50 ¥1000 ₹500 ₿0.001",
-    "10% off, 3/4 cup, 50°C, 5km/h",
-    "0123456789" * 10,
-    "!!!???...,,,;;;:::",
-    "~`!@#$%^&*()_+-={}[]|\\:;\"'<>,.?/",
-    "______________________",
-    "----------------------------------------",
-    "==========",
-    "****  bold ** and __under__",
-    "..." * 20,
-]
-
-# Fragments of different kinds, each placed in whitespace surroundings that stress the space handling.
-FRAGMENTS = [
-    "word", "Hello", "the end.", "naïve café", "日本", "한국", "مرحبا", "שלום", "नमस्ते", "สวัสดี", "Привет",
-    "Γειά", "😀", "👍🏽", "x = 1", "<eos>", "<start_of_turn>", "42", "3.14", "\ue000", "{}", "a\u0301",
-]
-SURROUNDINGS = [
-    "{}", " {}", "{} ", "  {}  ", "\n{}", "{}\n", "\n\n{}\n\n", "\t{}\t", " \n {} \n ", "{}{}", "{} {}", "{}\n{}",
-]
-DIGIT_RUNS = ["1234567890"[: n % 10 + 1] * (n // 10 + 1) for n in range(0, 40, 3)] + [str(7**k) for k in range(1, 60, 4)]
-CORPUS = list(dict.fromkeys(  # distinct, in order
-    HANDWRITTEN + [s.replace("{}", f) for f, s in itertools.product(FRAGMENTS, SURROUNDINGS)] + DIGIT_RUNS
-))
 NO_ROUND_TRIP = "\u2581"  # a literal "▁" is Gemma's spelling of a space: it decodes to " "
 
 

@@ -15,9 +15,13 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from nanogemma.config import get_preset, to_hf_config
 from nanogemma.data import prepare
+from nanogemma.model import Gemma
 from nanogemma.train import resolve, train
+from nanogemma.weights import hf_state_dict
 
 TOLERANCE = 1e-4
 COMMON = {"preset": "tiny", "progress": False, "tensorboard": False, "sample_tokens": 0, "log_every": 1,
@@ -93,3 +97,24 @@ def test_fsdp2_with_resume_equals_one_process(data, reference, tmp_path):
     worst = max(abs(a - b) for a, b in zip(got, ref.losses, strict=True))
     print(f"FSDP2 (resumed at step 4) vs 1 process: largest loss difference over 8 steps {worst:.2e}")
     assert worst <= TOLERANCE
+
+
+def test_ddp_lora_two_processes_equal_one_with_doubled_accumulation(data, tmp_path):
+    """LoRA over an int8 base under DDP: only the adapters' gradients are averaged; the curve is one process's."""
+    base = tmp_path / "base"
+    base.mkdir()
+    cfg = get_preset("tiny").replace(vocab_size=320)
+    (base / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    save_file({k: v.contiguous() for k, v in hf_state_dict(Gemma(cfg).init_weights(seed=0).state_dict()).items()},
+              str(base / "model.safetensors"))
+    lora = {"init_from": str(base), "lora_rank": 4, "lora_base_dtype": "int8", "max_steps": 4, "lr": 1e-2,
+            "min_lr": 1e-2}
+    torch.set_num_threads(1)
+    ref = train(resolve({"data": str(data), "out_dir": str(tmp_path / "one"), **COMMON, **lora, "grad_accum": 2}))
+    out = tmp_path / "ddp"
+    p = torchrun(*flags(data, out, grad_accum=1, **lora))
+    assert "2 processes (DDP)" in p.stderr and "LoRA rank 4" in p.stderr
+    worst = max(abs(a - b) for a, b in zip(losses(out), ref.losses, strict=True))
+    print(f"LoRA DDP vs 1 process: largest loss difference over 4 steps {worst:.2e}")
+    assert worst <= TOLERANCE
+    assert all(k.endswith(("lora_A", "lora_B")) for k in load_file(str(out / "last" / "model.safetensors")))

@@ -161,6 +161,9 @@ def load_run(folder: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
         cfg = GemmaConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise NanogemmaError(f"{folder / RUN_META} does not describe a model ({type(e).__name__}: {e})") from None
+    if meta.get("lora"):
+        raise NanogemmaError(f"{folder} is a LoRA run (its weights are adapters only): write the merged model with "
+                             f"`nanogemma export {folder} --to hf DIR` and load DIR with the JAX backend")
     state, _ = _read_safetensors(folder / RUN_WEIGHTS)
     return cfg, state
 

@@ -15,7 +15,10 @@ The output folder is what `transformers.AutoModelForCausalLM.from_pretrained(OUT
   `apply_chat_template` works on the export.
 
 The source can be any model `nanogemma.load` reads: a run folder (its best model), a checkpoint inside it
-(`RUN_DIR/last`), a Hugging Face folder or a GGUF file. The folder is assembled under a temporary name and
+(`RUN_DIR/last`), a Hugging Face folder or a GGUF file. A LoRA run (`train --lora-rank N`) exports with its
+adapters merged into the weights; `--to peft` writes the adapters alone as a peft folder instead
+(`export_peft`: `adapter_config.json` + `adapter_model.safetensors`, for `peft.PeftModel.from_pretrained`
+on transformers' Gemma 3). The folder is assembled under a temporary name and
 renamed into place, so OUT_DIR is either complete or absent.
 """
 
@@ -33,7 +36,7 @@ from safetensors.torch import save_file
 from ..config import to_hf_config
 from ..errors import NanogemmaError
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "peft")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
 
@@ -135,3 +138,15 @@ def _add_chat_template(folder: Path, tok=None) -> None:
         return
     config["chat_template"] = GEMMA_CHAT_TEMPLATE
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def export_peft(source: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the adapters of the LoRA run at `source` as a peft adapter folder; returns the folder."""
+    from ..lora import read_run_adapter, save_peft
+
+    found = read_run_adapter(source) if Path(source).is_dir() else None
+    if found is None:
+        raise NanogemmaError(f"{source} is not a LoRA run (made by `nanogemma train --lora-rank N`): it has no "
+                             "adapters to export; use --to hf for its full weights")
+    cfg, state, base = found
+    return save_peft(out_dir, cfg, state, base, overwrite)

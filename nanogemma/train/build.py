@@ -14,7 +14,7 @@ from ..config import GemmaConfig
 from ..errors import NanogemmaError
 from ..weights import build_model, load_state
 from . import checkpoint as ckpt
-from .config import SCRATCH, TrainConfig, model_config
+from .config import SCRATCH, TrainConfig, lora_config, model_config
 from .data import Dataset
 from .loss import TrainingGemma
 
@@ -54,6 +54,13 @@ def initial_model(cfg: TrainConfig, data: Dataset, resume_from: Path | None
     """(model config, weights or None for random init, where they come from)."""
     if resume_from is not None:
         meta = ckpt.read_model_meta(resume_from)
+        if meta.get("lora"):  # adapters only: the base comes from where the run started (--init-from)
+            from safetensors.torch import load_file
+
+            from ..weights import lora_base_state
+
+            state = {**lora_base_state(meta["lora"], resume_from), **load_file(str(resume_from / ckpt.WEIGHTS))}
+            return GemmaConfig.from_dict(meta["model"]), state, str(resume_from)
         state = load_state(resume_from)[1]
         return GemmaConfig.from_dict(meta["model"]), state, str(resume_from)
     if cfg.init_from == SCRATCH:
@@ -76,7 +83,25 @@ def initial_model(cfg: TrainConfig, data: Dataset, resume_from: Path | None
 
 def make_model(mcfg: GemmaConfig, state: dict[str, torch.Tensor] | None, cfg: TrainConfig,
                device: torch.device) -> TrainingGemma:
-    """A float32 model on `device` in training mode: random (seeded) or holding `state`."""
+    """A float32 model on `device` in training mode: random (seeded) or holding `state`; with LoRA, frozen
+    and given adapters (fresh, or those in `state` when resuming)."""
+    lcfg = lora_config(cfg)
+    if lcfg is not None:
+        from ..lora import apply_lora, is_adapter_key, load_adapter_state
+
+        adapters = {k: state.pop(k) for k in [k for k in state if is_adapter_key(k)]}
+        model = make_model(mcfg, state, cfg.replace(lora_rank=0), device)
+        apply_lora(model, lcfg, seed=cfg.seed)
+        if lcfg.base_dtype != "float32":
+            # The loaded weights may be views of one memory-mapped file, which stays mapped (its pages resident,
+            # the float32 projections' among them) while any view lives: own copies of what is left of it.
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dtype == torch.float32 and not p.requires_grad:
+                        p.data = p.data.clone()
+        if adapters:
+            load_adapter_state(model, adapters, "the checkpoint")
+        return model.train()
     if state is None:
         model = TrainingGemma(mcfg).init_weights(std=cfg.init_std, seed=cfg.seed).to(device)
     else:  # build_model checks every tensor's name and shape, with messages that name the culprit

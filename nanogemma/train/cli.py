@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         from ..jax.load import check_device
         from ..jax.loop import train
 
+        if cfg.lora_rank:
+            from ..errors import NanogemmaError
+
+            raise NanogemmaError("LoRA (--lora-rank) is a PyTorch feature; drop --backend jax")
         if cfg.device not in ("auto", "cpu"):
             check_device(cfg.device)
     else:

@@ -92,6 +92,15 @@ class TrainConfig:
     compile: bool = _s("torch.compile the model (slow start, faster steps)", default=False)
     fsdp: bool = _s("under torchrun, shard weights, gradients and optimizer state with FSDP2 instead of "
                     "replicating them with DDP", default=False)
+    # ---- LoRA (nanogemma/lora.py): freeze the --init-from model, train low-rank adapters only
+    lora_rank: int = _s("rank of the LoRA adapters; 0 trains every weight, N > 0 freezes the model and trains "
+                        "adapters only (checkpoints then hold just them, and name the base)", default=0)
+    lora_alpha: float = _s("LoRA scale numerator: the correction is multiplied by alpha / rank", default=16.0)
+    lora_dropout: float = _s("dropout on the adapters' input, in [0, 1)", default=0.0)
+    lora_targets: str = _s("projections given adapters, comma-separated among q,k,v,o,gate,up,down (or all)",
+                           default="q,k,v,o,gate,up,down")
+    lora_base_dtype: str = _s("storage of the frozen projections: float32, bfloat16 (half the memory) or int8 "
+                              "(a quarter; QLoRA-like)", default="float32")
     # ---- evaluation, logging, checkpoints
     eval_every: int = _s("evaluate every N optimizer steps, and at the end (0: only at the end)", default=100)
     eval_batches: int = _s("fixed validation micro-batches per evaluation (the same ones every time)",
@@ -326,9 +335,28 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise NanogemmaError("beta1 and beta2 must lie in [0, 1)")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise NanogemmaError(f"dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
+    if cfg.lora_rank < 0:
+        raise NanogemmaError(f"lora_rank must not be negative, got {cfg.lora_rank}")
+    if cfg.lora_rank:
+        if cfg.init_from == SCRATCH:
+            raise NanogemmaError("LoRA adapts a trained model: pass --init-from MODEL (e.g. gemma3-270m) with "
+                                 "--lora-rank, or drop --lora-rank to train from scratch")
+        lora_config(cfg)  # checks the other LoRA settings
+        if Path(cfg.init_from).exists():  # checkpoints name the base: by a path that holds from any folder
+            cfg = cfg.replace(init_from=str(Path(cfg.init_from).resolve()))
     if cfg.init_from == SCRATCH and cfg.model not in model_shapes():
         raise NanogemmaError(f"unknown model shape '{cfg.model}'; choose from: {', '.join(model_shapes())}")
     return cfg
+
+
+def lora_config(cfg: TrainConfig):
+    """The run's `lora.LoRAConfig`, checked, or None when it trains every weight."""
+    if not cfg.lora_rank:
+        return None
+    from ..lora import LoRAConfig, parse_targets  # torch: imported only by LoRA runs, not by --help
+
+    return LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets),
+                      cfg.lora_base_dtype).validate()
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GemmaConfig:

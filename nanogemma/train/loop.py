@@ -35,9 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import NanogemmaError
+from ..lora import adapter_state, is_adapter_key
 from . import build, tokenizer_files
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, lora_config
 from .data import Dataset, WindowSampler, open_dataset, validation_offsets, windows
 from .distributed import World, any_flag, barrier, setup, teardown, wrap
 from .loss import LanguageModelLoss
@@ -99,6 +100,7 @@ class Loop:
 
     float16 = False  # the non-finite hint suggests bfloat16 where the run uses float16
     trainer_extras: dict = {}  # backend-specific keys of trainer.pt
+    model_extras: dict = {}  # backend-specific keys of nanogemma.json (a LoRA run's `lora`)
 
     def __init__(self, cfg: TrainConfig, world: World) -> None:
         self.cfg, self.world = cfg, world
@@ -182,7 +184,7 @@ class Loop:
                        "scaler": None, "rng": build.rng_state(), "best_val": self.best_val,
                        "world_size": self.world.size, **self.trainer_extras}
             meta = ckpt.model_meta(self.mcfg.to_dict(), self.cfg, self.data.describe(), self.step, self.tokens,
-                                   val_loss, name)
+                                   val_loss, name) | self.model_extras
             folder = ckpt.save_checkpoint(self.run_dir, name, weights, trainer, meta)
             if name == "best" or ckpt.find_checkpoint(self.run_dir, "best") is None:
                 ckpt.publish(self.run_dir, folder)  # RUN_DIR itself loads as the best model so far
@@ -342,6 +344,11 @@ class Run(Loop):
 
     def build(self, state: dict | None) -> None:
         cfg, world = self.cfg, self.world
+        self.lora = lora_config(cfg)
+        if self.lora is not None and self.lora.dropout > 0:
+            # Dropout draws from the global generator: seeded, a run repeats from its seed (and per process,
+            # so processes drop different units); a resumed run restores the generator from its checkpoint.
+            torch.manual_seed(cfg.seed * 1000 + world.rank)
         self.model = build.make_model(self.mcfg, state, cfg, world.device)
         self.wrapped = wrap(self.model, world, cfg.fsdp)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
@@ -389,8 +396,18 @@ class Run(Loop):
     def trainer_extras(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
+    @property
+    def model_extras(self) -> dict:
+        # A LoRA checkpoint holds the adapters only; its metadata says how to rebuild the model around them.
+        return {} if self.lora is None else {"lora": {**self.lora.to_dict(), "base": self.cfg.init_from}}
+
     def checkpoint_state(self) -> tuple[dict, dict]:
+        if self.lora is not None and not self.cfg.fsdp:  # the adapters are whole in every process
+            return adapter_state(self.model), get_optimizer_state_dict(self.model, self.optimizer,
+                                                                       options=self._options())
         weights = get_model_state_dict(self.model, options=self._options())
+        if self.lora is not None:
+            weights = {k: v for k, v in weights.items() if is_adapter_key(k)}
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
         return weights, optim
 
@@ -401,12 +418,17 @@ class Run(Loop):
             self.scaler.load_state_dict(state["scaler"])
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.params)  # the trained ones: with LoRA, the adapters
 
     def hardware(self) -> str:
         c, w = self.cfg, self.world
         procs = f", {w.size} processes ({'FSDP2' if c.fsdp else 'DDP'})" if w.distributed else ""
-        return f"{w.device} {str(self.dtype).removeprefix('torch.')}{procs}"
+        lora = ""
+        if self.lora is not None:
+            frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+            lora = (f"; LoRA rank {self.lora.rank} on {','.join(self.lora.targets)} over {frozen / 1e6:.1f}M frozen "
+                    f"parameters ({self.lora.base_dtype} projections)")
+        return f"{w.device} {str(self.dtype).removeprefix('torch.')}{procs}{lora}"
 
 
 def train(cfg: TrainConfig, loss_fn: LossFn | None = None) -> TrainResult:
