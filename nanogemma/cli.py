@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB
 from .errors import NanogemmaError
+from .files import check_text, describe_os_error, read_stdin, read_text, unescape
+from .flags import NON_NEGATIVE, POSITIVE, SEED, OneLineParser, device, number
 
 
 def _lazy(module: str, name: str):
@@ -28,14 +30,13 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
         raise NanogemmaError("give the prompt as an argument or with --prompt-file, not both")
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise NanogemmaError(f"prompt file not found: {path}")
-        return path.read_text(encoding="utf-8")
+        return read_text(args.prompt_file, "prompt file")
     if args.prompt is not None:
         return args.prompt
-    if not sys.stdin.isatty():
-        return sys.stdin.read()
+    if sys.stdin is not None and not sys.stdin.isatty():
+        text = read_stdin()
+        if text:
+            return text
     raise NanogemmaError("no prompt: pass it as an argument, with --prompt-file, or on standard input")
 
 
@@ -45,7 +46,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "(config.json + safetensors + tokenizer) or a nanogemma run folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and activations dtype (float16 overflows in Gemma 3; not offered)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=device, help="cpu, cuda or cuda:N")
 
 
 def _add_speed_flags(p: argparse.ArgumentParser) -> None:
@@ -61,25 +62,25 @@ def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="self-speculative decoding (one prompt at a time): draft tokens with a head over common "
                         "tokens, check several at once with the full head; greedy output is unchanged, "
                         "sampling keeps its distribution (see nanogemma/speculative.py)")
-    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+    p.add_argument("--draft-tokens", type=POSITIVE, default=DEFAULT_DRAFT_TOKENS,
                    help=f"drafts per check with --speculate (default {DEFAULT_DRAFT_TOKENS})")
-    p.add_argument("--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB,
+    p.add_argument("--draft-vocab", type=POSITIVE, default=DEFAULT_DRAFT_VOCAB,
                    help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
                         f"single characters and the prompt's tokens (default {DEFAULT_DRAFT_VOCAB})")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, top_k: int | None = None,
                         top_p: float | None = None) -> None:
-    p.add_argument("--temperature", type=float, default=temperature,
+    p.add_argument("--temperature", type=number(float, 0), default=temperature,
                    help=f"0 for greedy decoding; > 0 samples from softmax(logits / T) (default {temperature})")
-    p.add_argument("--top-k", type=int, default=top_k, help="sample only among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=top_p,
+    p.add_argument("--top-k", type=POSITIVE, default=top_k, help="sample only among the K most likely tokens")
+    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=top_p,
                    help="sample only among the smallest set of tokens whose probability reaches P")
-    p.add_argument("--min-p", type=float, default=None,
+    p.add_argument("--min-p", type=number(float, 0, 1), default=None,
                    help="drop tokens less likely than P times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
+    p.add_argument("--repetition-penalty", type=number(float, 0, lo_open=True), default=1.0,
                    help="> 1 discourages tokens already in the text (default 1: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed, for reproducible sampling")
 
 
 def _sampling(args: argparse.Namespace):
@@ -102,9 +103,9 @@ def _speculation(args: argparse.Namespace, tok):
     return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens) if args.speculate else None
 
 
-def _unescape(text: str) -> str:
+def _unescape(text: str, flag: str = "--stop") -> str:
     """Shells pass "\n" as two characters; stop strings usually mean the newline."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in text else text
+    return unescape(text, flag)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -119,14 +120,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="read several prompts from this UTF-8 file, one prompt a line (empty lines skipped)")
     _add_model_flags(p)
     _add_speed_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=64,
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64,
                    help="most tokens to generate per prompt (default 64); generation also ends at the "
                         "model's context limit")
     _add_sampling_flags(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not printed); repeat for several")
     _add_speculation_flags(p)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts generated together (default 8)")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to the prompt")
@@ -142,9 +143,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise NanogemmaError(f"give prompts one way only, not with both {given[0]} and {given[1]}")
     if args.prompts_file is not None:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise NanogemmaError(f"prompts file not found: {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
         if not prompts:
             raise NanogemmaError(f"{path} holds no prompts (one prompt a line)")
         return prompts
@@ -164,6 +163,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             if getattr(args, flag, None):
                 raise NanogemmaError(f"--{flag} is a PyTorch feature; drop it or use --backend torch")
     prompts, params, stop = _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop]
+    if args.speculate and len(prompts) > 1:
+        raise NanogemmaError(f"--speculate decodes one prompt at a time, and {len(prompts)} were given; "
+                             "give one prompt, or drop --speculate to generate them as a batch")
     if args.batch_size < 1:
         raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
     if jax:
@@ -209,8 +211,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
     _add_speculation_flags(p)
     _add_sampling_flags(p, temperature=1.0, top_k=64, top_p=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=1024, help="longest reply in tokens (default 1024)")
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="tokens of conversation kept (default 8192, at most the model's context)")
     p.set_defaults(run=_run_chat)
 
@@ -233,18 +235,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "memory for each mode (each in a fresh process), optionally against "
                                    "transformers on the same prompt.")
     p.add_argument("--model", default=None, help="as for generate (default: the official 270M GGUF)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=device, help="cpu, cuda or cuda:N")
     p.add_argument("--modes", default=None,
                    help="comma-separated: float32, bfloat16, int8, int8-wo, and any of them with +compile "
                         "(default float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain "
                         "and +compile)")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens to decode (default 256)")
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=128, help="prompt length in tokens (default 128)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=256, help="tokens to decode (default 256)")
     p.add_argument("--compare", default=None, choices=["transformers"],
                    help="also run transformers' generate (float32) on the same prompt and print ratios")
-    p.add_argument("--peak-bandwidth", type=float, default=None,
+    p.add_argument("--peak-bandwidth", type=number(float, 0, lo_open=True), default=None,
                    help="the device's memory bandwidth in GB/s, to print the achieved fraction")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=POSITIVE, default=None,
                    help="torch threads in every worker (default: PyTorch's choice, one per core)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
     p.set_defaults(run=_lazy("tools.bench", "run_cli"))
@@ -272,10 +274,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-split", default=None,
                    help="the validation split's name (default: validation, valid, val or dev if present)")
     p.add_argument("--hf-config", default=None, help="configuration (subset) of a Hugging Face dataset")
-    p.add_argument("--val-fraction", type=float, default=0.01,
+    p.add_argument("--val-fraction", type=number(float, 0, 1, lo_open=True), default=0.01,
                    help="share of documents held out for validation when the source has no validation split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and of synthetic stories")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the held-out choice and of synthetic stories")
+    p.add_argument("--workers", type=POSITIVE, default=None, help="worker processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other arguments")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prepare)
@@ -284,7 +286,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    delimiter = _unescape(args.delimiter) if args.delimiter else args.delimiter
+    delimiter = _unescape(args.delimiter, "--delimiter") if args.delimiter else args.delimiter
     r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
                 text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
                 hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
@@ -308,7 +310,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="a preset name (gemma3-270m, the default, gemma3-1b, -4b, -12b, -27b, tiny: other presets "
                         "need no weights), a .gguf file, a Hugging Face folder or a nanogemma run folder")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="context length for the KV-cache and FLOPs figures (default: the model's maximum)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="number format for the weight and KV-cache bytes (default float32)")
@@ -336,10 +338,10 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
                                    "and MLP, the final norm and the logits. Exit 1 past the tolerance.")
     _add_model_flags(p)
     p.add_argument("--prompt", default=None, help="the text to run (default: a built-in paragraph)")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens", type=POSITIVE, default=None,
                    help="repeat the prompt up to N tokens (default: sliding window + 32, so sliding layers drop "
                         "keys, or the prompt's length if longer)")
-    p.add_argument("--tolerance", type=float, default=None,
+    p.add_argument("--tolerance", type=number(float, 0), default=None,
                    help="largest allowed max|ours-ref| / max|ref| (default 1e-4 in float32, 1e-2 in bfloat16)")
     p.set_defaults(run=_run_verify)
 
@@ -366,9 +368,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--split", default="val", help="which split of --data (default val)")
     g.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help="UTF-8 text files (one document each), tokenized with the model's tokenizer")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default 512)")
-    g.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    g.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    g.add_argument("--seq-len", type=POSITIVE, default=None, help="tokens of context per window (default 512)")
+    g.add_argument("--batch-size", type=POSITIVE, default=1, help="windows per forward pass (default 1)")
+    g.add_argument("--max-tokens", type=POSITIVE, default=None, help="evaluate at most this many tokens")
     j = p.add_argument_group("story quality, judged by a language model")
     j.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (POSTs to /chat/completions)")
@@ -378,13 +380,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--prompts", default=None,
                    help="prompt file: JSON lines {\"prompt\": ..., \"instruction\": ...} or one prompt per line "
                         "(default: 10 built-in story prompts, 4 with instructions)")
-    j.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
-    j.add_argument("--samples", type=int, default=2, help="stories generated per prompt (default 2)")
-    j.add_argument("--max-new-tokens", type=int, default=200, help="story length limit in tokens (default 200)")
-    j.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    j.add_argument("--top-k", type=int, default=64, help="top-k sampling (default 64)")
-    j.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (default 0.95)")
-    j.add_argument("--seed", type=int, default=0, help="first sampling seed; story i uses seed + i (default 0)")
+    j.add_argument("--num-prompts", type=POSITIVE, default=None, help="use the first N prompts (default all)")
+    j.add_argument("--samples", type=POSITIVE, default=2, help="stories generated per prompt (default 2)")
+    j.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="story length limit in tokens (default 200)")
+    j.add_argument("--temperature", type=number(float, 0), default=1.0, help="sampling temperature (default 1.0)")
+    j.add_argument("--top-k", type=POSITIVE, default=64, help="top-k sampling (default 64)")
+    j.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=0.95, help="top-p sampling (default 0.95)")
+    j.add_argument("--seed", type=SEED, default=0, help="first sampling seed; story i uses seed + i (default 0)")
     p.add_argument("--out", default=None, help="write results as JSON here (judging: default eval_judge.json)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=_run_eval)
@@ -517,16 +519,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step over all slots (CUDA graphs on a GPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--slots", type=int, default=8, help="requests served at once (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--slots", type=POSITIVE, default=8, help="requests served at once (default 8)")
+    p.add_argument("--max-queue", type=NON_NEGATIVE, default=64,
                    help="requests that may wait for a slot; more are answered 429 (default 64)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="tokens per request, prompt plus reply (default 8192, at most the model's context)")
-    p.add_argument("--step-tokens", type=int, default=256,
+    p.add_argument("--step-tokens", type=POSITIVE, default=256,
                    help="tokens one engine step may feed, decode and prompt chunks together (default 256)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    p.add_argument("--timeout", type=number(float, 0, lo_open=True), default=600.0, help="seconds a request may take (default 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=_run_serve)
 
@@ -540,7 +542,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
+    parser = OneLineParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_chat(sub)
@@ -556,9 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every text argument must be UTF-8 (a lone surrogate is a byte the shell passed that is not)."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                check_text(v, "--" + name.replace("_", "-") if name not in ("prompt", "source") else f"the {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_arguments(args)
         return args.run(args)
     except NanogemmaError as e:
         print(f"nanogemma: error: {e}", file=sys.stderr)
@@ -568,3 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the filesystem's failures (full disk, read-only, a file in the way): one line
+        print(f"nanogemma: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
