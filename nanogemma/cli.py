@@ -209,6 +209,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     _add_speed_flags(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
+    p.add_argument("--plain-text", action="store_true",
+                   help="encode what you type as plain text: control tokens written in a message, such as "
+                        "<start_of_turn>, stay text (by default they are parsed as the reference tokenizer does, "
+                        "which lets a message forge turns)")
     _add_speculation_flags(p)
     _add_sampling_flags(p, temperature=1.0, top_k=64, top_p=0.95)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=1024, help="longest reply in tokens (default 1024)")
@@ -225,7 +229,8 @@ def _run_chat(args: argparse.Namespace) -> int:
         raise NanogemmaError(f"--context must be at least 16 tokens, got {args.context}")
     model, tok = _load_for_inference(args)
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
-                context=args.context, compile=args.compile, speculation=_speculation(args, tok))
+                context=args.context, compile=args.compile, speculation=_speculation(args, tok),
+                plain_text=args.plain_text)
     return run_chat(chat)
 
 
@@ -387,7 +392,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--top-k", type=POSITIVE, default=64, help="top-k sampling (default 64)")
     j.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=0.95, help="top-p sampling (default 0.95)")
     j.add_argument("--seed", type=SEED, default=0, help="first sampling seed; story i uses seed + i (default 0)")
-    p.add_argument("--out", default=None, help="write results as JSON here (judging: default eval_judge.json)")
+    j.add_argument("--judge-timeout", type=number(float, 0, lo_open=True), default=120.0,
+                   help="seconds to wait for one judge reply; a judge that does not answer in time is not asked "
+                        "again for that story (default 120)")
+    j.add_argument("--judge-deadline", type=number(float, 0), default=3600.0,
+                   help="seconds all judging may take; stories left when it passes are not judged, and what "
+                        "was judged is kept (default 3600; 0: no limit)")
+    p.add_argument("--out", default=None,
+                   help="write results as JSON here (judging: default eval_judge.json in the run or model "
+                        "folder; judged stories are appended to OUT.partial.jsonl as they come)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=_run_eval)
 
@@ -411,7 +424,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     # Check the judge set-up before spending minutes on loading and generating.
     client = prompts = None
     if args.judge_url:
-        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env))
+        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env),
+                                   timeout=args.judge_timeout)
         prompts = judge.read_prompts(args.prompts)[: args.num_prompts]
     model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     progress = not args.no_progress
@@ -424,26 +438,73 @@ def _run_eval(args: argparse.Namespace) -> int:
         lm = evaluate_lm(model, tokens, args.seq_len, args.batch_size, args.max_tokens, source, progress)
         print(lm.table())
         results["lm"] = lm.to_dict()
+    out = args.out or (_judge_out(args.model, path) if client is not None else None)
     if client is not None:
-        from .tokenizer import load_tokenizer
-
-        gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-               "top_p": args.top_p, "seed": args.seed}
-        stories = judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
-                                      args.samples, progress)
-        summary = judge.summarize(stories)
-        if "lm" in results:
-            print()
-        print(judge.summary_table(summary))
-        results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
-                            "prompts": len(prompts), "samples_per_prompt": args.samples,
-                            "summary": summary, "stories": stories}
-    out = args.out or ("eval_judge.json" if client is not None else None)
+        return _judge(args, model, path, client, prompts, results, out, progress)
     if out:
         write_json(out, results)
         print(f"results written to {out}")
-    if client is not None and summary["scored"] == 0:
-        raise NanogemmaError(f"no judge reply could be read as scores; the replies are in {out}")
+    return 0
+
+
+def _judge_out(model: str | None, path: Path) -> str:
+    """Where judged results go by default: beside the run (in a run or model folder, next to a model file
+    given by path), not wherever the command happened to run; the bundled model's go to the current folder."""
+    if model is None or not Path(model).expanduser().exists():
+        return "eval_judge.json"
+    return str(path / "eval_judge.json" if path.is_dir() else path.with_name(f"{path.stem}.eval_judge.json"))
+
+
+def _judge(args: argparse.Namespace, model, path: Path, client, prompts, results: dict, out: str,
+           progress: bool) -> int:
+    """Judged story quality: each story appended to OUT.partial.jsonl as it is judged, OUT written at the end
+    (or, on Ctrl-C or the deadline, with what was judged, marked incomplete)."""
+    import json
+    import time
+
+    from .tokenizer import load_tokenizer
+    from .tools import judge
+    from .tools.evaluate import write_json
+
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+           "top_p": args.top_p, "seed": args.seed}
+    partial = Path(f"{out}.partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    stories: list = []
+    interrupted, abort = False, None
+    if args.judge_deadline:
+        client.deadline = time.monotonic() + args.judge_deadline
+    with open(partial, "w", encoding="utf-8") as log:
+        def keep(rec: dict) -> None:
+            log.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            log.flush()
+
+        try:
+            judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
+                                args.samples, progress, on_record=keep, results=stories)
+        except KeyboardInterrupt:
+            interrupted = True
+        except NanogemmaError as e:  # every request failing: stop, but keep what the judge said
+            abort = e
+    summary = judge.summarize(stories)
+    complete = not interrupted and abort is None and len(stories) == len(prompts) * args.samples
+    if abort is None:
+        print(("\n" if "lm" in results else "") + judge.summary_table(summary))
+    results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
+                        "prompts": len(prompts), "samples_per_prompt": args.samples, "complete": complete,
+                        "summary": summary, "stories": stories}
+    write_json(out, results)
+    partial.unlink(missing_ok=True)
+    if abort is not None:
+        raise NanogemmaError(f"{abort}; the replies are in {out}")
+    if interrupted:
+        print(f"interrupted: the {len(stories)} judged stories are in {out} (marked incomplete)", file=sys.stderr)
+        return 130
+    print(f"results written to {out}" + ("" if complete else f" ({len(stories)} of "
+                                                              f"{len(prompts) * args.samples} stories: incomplete)"))
+    if summary["scored"] == 0:
+        raise NanogemmaError(f"no judge reply could be read as scores (first error: {judge.first_error(stories)}); "
+                             f"the replies are in {out}")
     return 0
 
 

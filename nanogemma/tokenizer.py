@@ -86,6 +86,19 @@ class Tokenizer:
             return self._with_bos(self.fast.encode(text), add_bos)
         return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids, add_bos)
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with every character as text: "<start_of_turn>" written in it becomes the pieces of
+        those characters, not the control token (transformers' `split_special_tokens=True`)."""
+        if self.fast is not None:
+            return self.fast._encode_plain(text)
+        backend = self.backend
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return backend.encode(text, add_special_tokens=False).ids
+        finally:
+            backend.encode_special_tokens = before
+
     def encode_batch(self, texts: list[str], add_bos: bool = True) -> list[list[int]]:
         """`encode` for many texts at once."""
         if self.fast is not None:
