@@ -86,8 +86,8 @@ def read_json(path: str | Path, what: str = "file", fix: str = "restore or re-cr
     except NanogemmaError as e:
         raise NanogemmaError(f"{e}; {fix}") from None
     except json.JSONDecodeError as e:
-        cut = e.pos >= len(e.doc.rstrip())
-        why = "cut short" if cut else f"not valid JSON ({e.msg} at line {e.lineno})"
+        cut = e.pos >= len(e.doc.rstrip()) or e.msg.startswith("Unterminated string")
+        why = "cut short" if cut else f"not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})"
         raise NanogemmaError(f"{path} is damaged: {why}; {fix}") from None
     if not isinstance(value, kind):
         want = "an object" if kind is dict else "a list" if kind is list else "a JSON value of another kind"

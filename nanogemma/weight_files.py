@@ -14,6 +14,7 @@ maps, the path rules and the GGUF conversions are written once and `nanogemma.ja
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -344,7 +345,9 @@ def load_gguf_cached(path: str | Path, read_cache: Callable[[Path], tuple[GemmaC
                                                  "source": path.name})
         write_manifest(manifest, [cached])
     except OSError as e:  # read-only, full, or a file where the folder belongs: run without the cache
-        cached.unlink(missing_ok=True)
+        for f in (cached, manifest):
+            with contextlib.suppress(OSError):
+                f.unlink()
         cache_unwritable(cached, e)
     return cfg, state
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 
 from ..config import to_hf_config
 from ..errors import NanogemmaError
+from ..files import clean_orphans, temp_name
 
 FORMATS = ("hf",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -64,7 +64,9 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
     weights = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in hf_state_dict(state).items()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    clean_orphans(out_dir.parent)  # what an export killed before its rename left
+    tmp = temp_name(out_dir)
+    tmp.mkdir()
     try:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
