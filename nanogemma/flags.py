@@ -30,8 +30,14 @@ def check_number(value: float, name: str, lo: float | None = None, hi: float | N
     return value
 
 
+INT_MAX = 2**63 - 1  # what a tensor index, a count or a torch size can hold
+
+
 def number(kind: type = float, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    """An argparse `type=`: a finite `kind` (int or float) within the range."""
+    """An argparse `type=`: a finite `kind` (int or float) within the range (whole numbers: at most 2**63 - 1
+    unless `hi` says otherwise)."""
+    if kind is int and hi is None:
+        hi = INT_MAX
     def parse(text: str):
         try:
             value = kind(text)
@@ -87,4 +93,4 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, where the help is), exit status 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"nanogemma: error: {message} (see {self.prog} --help)\n")

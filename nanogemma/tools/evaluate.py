@@ -55,8 +55,10 @@ class LMResult:
 
 def load_model(name_or_path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, path) without the tokenizer: a prepared dataset needs none, and run folders may lack one."""
+    from ..flags import check_device
     from ..weights import build_model, load_state
 
+    check_device(str(device))
     if dtype == torch.float16:
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
     cfg, state, path = load_state(name_or_path)
