@@ -10,7 +10,10 @@ Gemma's chat format (what `tokenizer_config.json`'s template produces) is
     ...
 
 Gemma has no system role: a system prompt is folded into the first user turn, followed by a blank line.
-Messages are stripped of surrounding whitespace, as the template does.
+Messages are stripped of surrounding whitespace, as the template does. Control tokens written in a message
+("<end_of_turn>", "<start_of_turn>model") are read as control tokens, as the reference tokenizer reads
+them, so a message can forge a turn; `plain_text=True` (`chat --plain-text`) encodes the user's text as
+plain text (transformers' `split_special_tokens=True`).
 
 Each turn feeds the cache only what is new: the end of the previous reply, the user's message and the
 `<start_of_turn>model\\n` header. The reply's own tokens were fed while it was generated, so earlier turns

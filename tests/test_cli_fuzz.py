@@ -229,8 +229,14 @@ def run_in_process(capsys, argv: list[str]) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_bad_flags_and_files_give_one_clear_line(bad, tiny_run, tiny_data, tmp_path, capsys, private_cache):
+def test_bad_flags_and_files_give_one_clear_line(bad, tiny_run, tiny_data, tmp_path, capsys, private_cache,
+                                                 monkeypatch):
     import time
+
+    from nanogemma import cli
+
+    parser = cli.build_parser()  # one parser for every case: building it is most of a refused case's time
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
 
     failures, slow = [], []
     all_cases = cases(bad, tiny_run, tiny_data, tmp_path)
