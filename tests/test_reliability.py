@@ -375,3 +375,20 @@ def test_plain_text_keeps_typed_control_tokens_as_text(tiny_hf):
                                                                  unk_id=3).encode_plain(text) == want
     with pytest.raises(NanogemmaError):
         Chat(model, tok).send("   ")
+
+
+def test_a_source_file_deleted_during_prepare_is_one_line(tmp_path, gpt2_tiktoken_file, monkeypatch, capsys):
+    from nanogemma.data import chunks
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one story\nanother story\n" * 50)
+
+    def vanish(self):  # deleted between listing the source and reading it (what open() then raises)
+        corpus.unlink(missing_ok=True)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(corpus))
+
+    monkeypatch.setattr(chunks.TextChunk, "read", vanish)
+    rc, out, err = run_cli(capsys, "prepare", "--source", str(corpus), "--out", str(tmp_path / "d"), "--no-progress",
+                           "--workers", "1", "--tokenizer-file", str(gpt2_tiktoken_file))
+    assert rc == 1 and out == "" and not (tmp_path / "d" / "meta.json").exists()
+    one_line(err, "corpus.txt", "deleted while nanogemma ran")

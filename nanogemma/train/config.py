@@ -234,12 +234,13 @@ def apply(cfg: TrainConfig, changes: dict[str, Any], source: str) -> TrainConfig
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file of settings. Tables ([model], [optim], ...) only group keys: their names are ignored."""
+    from ..files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise NanogemmaError(f"config file not found: {path}")
+    text = read_text(path, "config file")  # missing, not a regular file, not UTF-8: one line each
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise NanogemmaError(f"{path} is not valid TOML ({e}); fix the file") from None
     flat: dict[str, Any] = {}
 
