@@ -176,9 +176,9 @@ class Tokenizer:
                     return cls.from_hf(cached)
                 except NanogemmaError:
                     pass
-            why = "was damaged" if manifest.is_file() else "has no content digest (written by an older nanogemma)"
-            print(f"nanogemma: warning: the tokenizer cache {cached} {why}: rebuilding it from {path}",
-                  file=sys.stderr)
+            if manifest.is_file():  # (a cache from before digests were recorded is rebuilt once, quietly)
+                print(f"nanogemma: warning: the tokenizer cache {cached} was damaged: rebuilding it from {path}",
+                      file=sys.stderr)
         backend, ids, pieces, types = _read_gguf_tokenizer(path)
         tok = cls(backend, **ids)
         try:  # best effort: a read-only cache only costs speed (and says so)

@@ -325,12 +325,11 @@ def load_gguf_cached(path: str | Path, read_cache: Callable[[Path], tuple[GemmaC
                 return read_cache(cached)
             except Exception:
                 pass
-        import sys
+        if manifest.is_file():  # (a cache written before digests were recorded is rebuilt once, quietly)
+            import sys
 
-        why = ("was damaged" if manifest.is_file() else
-               "has no content digest (written by an older nanogemma)")
-        print(f"nanogemma: warning: the weights cache {cached} {why}: rebuilding it from {path}",
-              file=sys.stderr)
+            print(f"nanogemma: warning: the weights cache {cached} was damaged: rebuilding it from {path}",
+                  file=sys.stderr)
         for f in (cached, manifest):
             f.unlink(missing_ok=True)
     try:
