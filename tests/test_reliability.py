@@ -301,6 +301,7 @@ def closed_port() -> str:
 def test_eval_judge_keeps_what_was_judged_and_says_why(tiny_run, tmp_path, monkeypatch, capsys):
     from nanogemma.tools import judge
 
+    monkeypatch.setattr(judge.time, "sleep", lambda s: None)  # the retries' back-off, not what is tested here
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     base = ["eval", "--model", str(run), "--judge-model", "m", "--max-new-tokens", "2", "--no-progress"]
