@@ -10,7 +10,10 @@ Gemma's chat format (what `tokenizer_config.json`'s template produces) is
     ...
 
 Gemma has no system role: a system prompt is folded into the first user turn, followed by a blank line.
-Messages are stripped of surrounding whitespace, as the template does.
+Messages are stripped of surrounding whitespace, as the template does. Control tokens written in a message
+("<end_of_turn>", "<start_of_turn>model") are read as control tokens, as the reference tokenizer reads
+them, so a message can forge a turn; `plain_text=True` (`chat --plain-text`) encodes the user's text as
+plain text (transformers' `split_special_tokens=True`).
 
 Each turn feeds the cache only what is new: the end of the previous reply, the user's message and the
 `<start_of_turn>model\\n` header. The reply's own tokens were fed while it was generated, so earlier turns
@@ -34,6 +37,7 @@ from torch import Tensor
 
 from .decoding import SamplingParams, TextStream, stop_ids_for
 from .errors import NanogemmaError
+from .files import check_text
 from .generation import DEFAULT_PREFILL_CHUNK, Session
 from .model import Gemma
 from .sampling import Sampler
@@ -89,8 +93,15 @@ class Chat:
     def __init__(self, model: Gemma, tok, system: str | None = None, params: SamplingParams | None = None,
                  max_new_tokens: int = 1024, context: int | None = None, compile: bool | str = False,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, speculation: Speculation | None = None,
-                 stop: Sequence[str] = (), stop_loops: bool = False):
+                 stop: Sequence[str] = (), stop_loops: bool = False, plain_text: bool = False):
+        if tok.start_of_turn_id is None or tok.end_of_turn_id is None:
+            raise NanogemmaError("this model's tokenizer has no <start_of_turn> / <end_of_turn> tokens (a model "
+                                 "trained from scratch on gpt2 or bpe:N data), so it cannot hold Gemma's chat "
+                                 "format; continue text with `nanogemma generate` instead")
         self.model, self.tok = model, tok
+        # Control tokens typed in a message are parsed as such by default, as the reference tokenizer does
+        # (so a message can forge a turn); `plain_text` encodes the user's text as plain text instead.
+        self.plain_text = plain_text
         self.system = system.strip() if system and system.strip() else None
         self.params = (params or CHAT_DEFAULTS).validate()
         if max_new_tokens < 1:
@@ -128,6 +139,12 @@ class Chat:
             # (length, <eos>, interrupted) gets the <end_of_turn> the template would have written.
             keep = self.pending is not None and self.pending not in self.stop_ids
             prefix, lead = ([self.pending] if keep else []) + [self.tok.end_of_turn_id], "\n"
+        if self.plain_text:
+            sot, eot = self.tok.start_of_turn_id, self.tok.end_of_turn_id
+            head = self.tok.encode(lead, add_bos=False) if lead else []
+            # The same pieces as below, but the segment holding the user's text is encoded as plain text.
+            return (prefix + head + [sot] + self.tok.encode_plain(f"user\n{text}") + [eot]
+                    + self.tok.encode("\n", add_bos=False) + [sot] + self.tok.encode("model\n", add_bos=False))
         body = f"{lead}<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
         return prefix + self.tok.encode(body, add_bos=False)
 
@@ -185,21 +202,38 @@ HELP = ("Type a message and press Enter. Commands: /help (this list), /reset (fo
         "/exit (or /quit, Ctrl-D); Ctrl-C stops a reply.")
 
 
-def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = None, prompt: str = "> ") -> int:
-    """The interactive loop: read a line, stream the reply; /help, /reset and /exit. Returns the exit status."""
+def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = None, prompt: str = "> ",
+             err: TextIO | None = None) -> int:
+    """The interactive loop: read a line, stream the reply; /help, /reset and /exit. Returns the exit status:
+    1 if a turn failed (its error went to stderr, and the conversation went on), else 0."""
     out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
     print(HELP, file=out, flush=True)
+    failed = False
+
+    def error(message: str) -> None:
+        nonlocal failed
+        failed = True
+        print(f"nanogemma: error: {message}", file=err or sys.stderr, flush=True)
+
     while True:
         try:
             line = read(prompt)
         except EOFError:
             print(file=out)
-            return 0
+            return 1 if failed else 0
+        except UnicodeDecodeError as e:  # bytes on stdin that are not UTF-8: this line is lost, not the chat
+            error(f"the line read is not UTF-8 text (byte 0x{e.object[e.start]:02x}); type it again")
+            continue
+        try:
+            line = check_text(line, "the message")
+        except NanogemmaError as e:
+            error(str(e))
+            continue
         command = line.strip()
         if not command:
             continue
         if command in ("/exit", "/quit"):
-            return 0
+            return 1 if failed else 0
         if command in ("/help", "/?"):
             print(HELP, file=out, flush=True)
             continue
@@ -213,7 +247,8 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None 
         try:
             chat.send(line, stream=lambda piece: (out.write(piece), out.flush()))
         except NanogemmaError as e:
-            print(f"\nnanogemma: error: {e}", file=out, flush=True)
+            out.flush()
+            error(str(e))
             continue
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print("\n(interrupted)", file=out, flush=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB
 from .errors import NanogemmaError
+from .files import check_text, describe_os_error, read_stdin, read_text, unescape
+from .flags import NON_NEGATIVE, POSITIVE, SEED, OneLineParser, device, number
 
 
 def _lazy(module: str, name: str):
@@ -29,15 +31,14 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
         raise NanogemmaError("give the prompt as an argument or with --prompt-file, not both")
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise NanogemmaError(f"prompt file not found: {path}")
-        return path.read_text(encoding="utf-8")
+        return read_text(args.prompt_file, "prompt file")
     if args.prompt is not None:
         return args.prompt
-    if not sys.stdin.isatty():  # one trailing newline dropped, as shells do for $(...): `echo` adds it
-        text = sys.stdin.read()
-        return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if sys.stdin is not None and not sys.stdin.isatty():
+        text = read_stdin()  # one trailing newline dropped, as shells do for $(...): `echo` adds it
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+        if text:
+            return text
     raise NanogemmaError("no prompt: pass it as an argument, with --prompt-file, or on standard input")
 
 
@@ -48,7 +49,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "Face folder (config.json + safetensors + tokenizer) or a nanogemma run folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and activations dtype (float16 overflows in Gemma 3; not offered)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=device, help="cpu, cuda or cuda:N")
 
 
 def _add_adapter_flag(p: argparse.ArgumentParser) -> None:
@@ -70,27 +71,27 @@ def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="self-speculative decoding (one prompt at a time): draft tokens with a head over common "
                         "tokens, check several at once with the full head; greedy output is unchanged, "
                         "sampling keeps its distribution (see nanogemma/speculative.py)")
-    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+    p.add_argument("--draft-tokens", type=POSITIVE, default=DEFAULT_DRAFT_TOKENS,
                    help=f"drafts per check with --speculate (default {DEFAULT_DRAFT_TOKENS})")
-    p.add_argument("--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB,
+    p.add_argument("--draft-vocab", type=POSITIVE, default=DEFAULT_DRAFT_VOCAB,
                    help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
                         f"single characters and the prompt's tokens (default {DEFAULT_DRAFT_VOCAB})")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.0, top_k: int | None = None,
                         top_p: float | None = None) -> None:
-    p.add_argument("--temperature", type=float, default=temperature,
+    p.add_argument("--temperature", type=number(float, 0), default=temperature,
                    help=f"0 for greedy decoding; > 0 samples from softmax(logits / T) (default {temperature})")
-    p.add_argument("--top-k", type=int, default=top_k, help="sample only among the K most likely tokens"
+    p.add_argument("--top-k", type=POSITIVE, default=top_k, help="sample only among the K most likely tokens"
                    + (f" (default {top_k})" if top_k is not None else " (default: all)"))
-    p.add_argument("--top-p", type=float, default=top_p,
+    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=top_p,
                    help="sample only among the smallest set of tokens whose probability reaches P"
                    + (f" (default {top_p})" if top_p is not None else " (default: off)"))
-    p.add_argument("--min-p", type=float, default=None,
+    p.add_argument("--min-p", type=number(float, 0, 1), default=None,
                    help="drop tokens less likely than P times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
+    p.add_argument("--repetition-penalty", type=number(float, 0, lo_open=True), default=1.0,
                    help="> 1 discourages tokens already in the text (default 1: off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed, for reproducible sampling")
 
 
 def _sampling(args: argparse.Namespace):
@@ -114,9 +115,9 @@ def _speculation(args: argparse.Namespace, tok):
     return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens) if args.speculate else None
 
 
-def _unescape(text: str) -> str:
+def _unescape(text: str, flag: str = "--stop") -> str:
     """Shells pass "\n" as two characters; stop strings usually mean the newline."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in text else text
+    return unescape(text, flag)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -132,14 +133,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     _add_adapter_flag(p)
     _add_speed_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=64,
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64,
                    help="most tokens to generate per prompt (default 64); generation also ends at the "
                         "model's context limit")
     _add_sampling_flags(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not printed); repeat for several")
     _add_speculation_flags(p)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts generated together (default 8)")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per prompt: {\"prompt\": ..., \"completion\": ...}")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to the prompt")
@@ -158,9 +159,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise NanogemmaError(f"give prompts one way only, not with both {given[0]} and {given[1]}")
     if args.prompts_file is not None:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise NanogemmaError(f"prompts file not found: {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
         if not prompts:
             raise NanogemmaError(f"{path} holds no prompts (one prompt a line)")
         return prompts
@@ -180,6 +179,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             if getattr(args, flag, None):
                 raise NanogemmaError(f"--{flag} is a PyTorch feature; drop it or use --backend torch")
     prompts, params, stop = _read_prompts(args), _sampling(args), [_unescape(s) for s in args.stop]
+    if args.speculate and len(prompts) > 1:
+        raise NanogemmaError(f"--speculate decodes one prompt at a time, and {len(prompts)} were given; "
+                             "give one prompt, or drop --speculate to generate them as a batch")
     if args.batch_size < 1:
         raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
     if jax:
@@ -250,10 +252,14 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _add_adapter_flag(p)
     _add_speed_flags(p)
     p.add_argument("--system", default=None, help="a system prompt (folded into the first user turn, as Gemma does)")
+    p.add_argument("--plain-text", action="store_true",
+                   help="encode what you type as plain text: control tokens written in a message, such as "
+                        "<start_of_turn>, stay text (by default they are parsed as the reference tokenizer does, "
+                        "which lets a message forge turns)")
     _add_speculation_flags(p)
     _add_sampling_flags(p, temperature=1.0, top_k=64, top_p=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=1024, help="longest reply in tokens (default 1024)")
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="tokens of conversation kept (default 8192, at most the model's context)")
     p.set_defaults(run=_run_chat)
 
@@ -286,7 +292,7 @@ def _run_chat(args: argparse.Namespace) -> int:
               flush=True)
     chat = Chat(model, tok, system=args.system, params=params, max_new_tokens=args.max_new_tokens,
                 context=args.context, compile=args.compile, speculation=_speculation(args, tok),
-                stop=() if tuned else TURN_STOPS, stop_loops=not tuned)
+                stop=() if tuned else TURN_STOPS, stop_loops=not tuned, plain_text=args.plain_text)
     return run_chat(chat)
 
 
@@ -296,19 +302,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "memory for each mode (each in a fresh process), optionally against "
                                    "transformers on the same prompt.")
     p.add_argument("--model", default=None, help="as for generate (default: the official 270M GGUF)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=device, help="cpu, cuda or cuda:N")
     p.add_argument("--modes", default=None,
                    help="comma-separated: float32 (prepacked weights), float32-unpacked (plain PyTorch "
                         "weights), bfloat16, int8, int8-wo, each optionally with +compile (torch.compile) and/or "
                         "+spec (self-speculative decoding), e.g. int8+compile+spec (default "
                         "float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain and +compile)")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens to decode (default 256)")
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=128, help="prompt length in tokens (default 128)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=256, help="tokens to decode (default 256)")
     p.add_argument("--compare", default=None, choices=["transformers"],
                    help="also run transformers' generate (float32) on the same prompt and print ratios")
-    p.add_argument("--peak-bandwidth", type=float, default=None,
+    p.add_argument("--peak-bandwidth", type=number(float, 0, lo_open=True), default=None,
                    help="the device's memory bandwidth in GB/s, to print the achieved fraction")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=POSITIVE, default=None,
                    help="torch threads in every worker (default: PyTorch's choice, one per core)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
     p.set_defaults(run=_lazy("tools.bench", "run_cli"))
@@ -344,10 +350,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="the validation split's name (default: validation, valid, val or dev as a folder name "
                         "or the first or last word of a file name); none: ignore names, hold out documents")
     p.add_argument("--hf-config", default=None, help="configuration (subset) of a Hugging Face dataset")
-    p.add_argument("--val-fraction", type=float, default=0.01,
+    p.add_argument("--val-fraction", type=number(float, 0, 1, lo_open=True), default=0.01,
                    help="share of documents held out for validation when the source has no validation split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and of synthetic stories")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the held-out choice and of synthetic stories")
+    p.add_argument("--workers", type=POSITIVE, default=None, help="worker processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other arguments")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prepare)
@@ -356,7 +362,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    delimiter = _unescape(args.delimiter) if args.delimiter else args.delimiter  # file / paragraph / line: rules
+    delimiter = _unescape(args.delimiter, "--delimiter") if args.delimiter else args.delimiter  # or a rule name
     r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
                 text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
                 hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
@@ -394,7 +400,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                    help="a preset name (gemma3-270m, the default, gemma3-1b, -4b, -12b, -27b, tiny: other presets "
                         "need no weights), a Hugging Face repository id, a .gguf file, a Hugging Face folder or a "
                         "nanogemma run folder")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="context length for the KV-cache and FLOPs figures (default: the model's maximum)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="number format for the weight and KV-cache bytes (default float32)")
@@ -422,10 +428,10 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
                                    "and MLP, the final norm and the logits. Exit 1 past the tolerance.")
     _add_model_flags(p)
     p.add_argument("--prompt", default=None, help="the text to run (default: a built-in paragraph)")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens", type=POSITIVE, default=None,
                    help="repeat the prompt up to N tokens (default: sliding window + 32, so sliding layers drop "
                         "keys, or the prompt's length if longer)")
-    p.add_argument("--tolerance", type=float, default=None,
+    p.add_argument("--tolerance", type=number(float, 0), default=None,
                    help="largest allowed max|ours-ref| / max|ref| (default 1e-4 in float32, 1e-2 in bfloat16)")
     p.set_defaults(run=_run_verify)
 
@@ -452,9 +458,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--split", default="val", help="which split of --data (default val)")
     g.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help="UTF-8 text files (one document each), tokenized with the model's tokenizer")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default 512)")
-    g.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    g.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    g.add_argument("--seq-len", type=POSITIVE, default=None, help="tokens of context per window (default 512)")
+    g.add_argument("--batch-size", type=POSITIVE, default=1, help="windows per forward pass (default 1)")
+    g.add_argument("--max-tokens", type=POSITIVE, default=None, help="evaluate at most this many tokens")
     j = p.add_argument_group("story quality, judged by a language model")
     j.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (POSTs to /chat/completions)")
@@ -464,14 +470,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--prompts", default=None,
                    help="prompt file: JSON lines {\"prompt\": ..., \"instruction\": ...} or one prompt per line "
                         "(default: 10 built-in story prompts, 4 with instructions)")
-    j.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
-    j.add_argument("--samples", type=int, default=2, help="stories generated per prompt (default 2)")
-    j.add_argument("--max-new-tokens", type=int, default=200, help="story length limit in tokens (default 200)")
-    j.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    j.add_argument("--top-k", type=int, default=64, help="top-k sampling (default 64)")
-    j.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (default 0.95)")
-    j.add_argument("--seed", type=int, default=0, help="first sampling seed; story i uses seed + i (default 0)")
-    p.add_argument("--out", default=None, help="write results as JSON here (judging: default eval_judge.json)")
+    j.add_argument("--num-prompts", type=POSITIVE, default=None, help="use the first N prompts (default all)")
+    j.add_argument("--samples", type=POSITIVE, default=2, help="stories generated per prompt (default 2)")
+    j.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="story length limit in tokens (default 200)")
+    j.add_argument("--temperature", type=number(float, 0), default=1.0, help="sampling temperature (default 1.0)")
+    j.add_argument("--top-k", type=POSITIVE, default=64, help="top-k sampling (default 64)")
+    j.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=0.95, help="top-p sampling (default 0.95)")
+    j.add_argument("--seed", type=SEED, default=0, help="first sampling seed; story i uses seed + i (default 0)")
+    j.add_argument("--judge-timeout", type=number(float, 0, lo_open=True), default=120.0,
+                   help="seconds to wait for one judge reply; a judge that does not answer in time is not asked "
+                        "again for that story (default 120)")
+    j.add_argument("--judge-deadline", type=number(float, 0), default=3600.0,
+                   help="seconds all judging may take; stories left when it passes are not judged, and what "
+                        "was judged is kept (default 3600; 0: no limit)")
+    p.add_argument("--out", default=None,
+                   help="write results as JSON here (judging: default eval_judge.json in the run or model "
+                        "folder; judged stories are appended to OUT.partial.jsonl as they come)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=_run_eval)
 
@@ -495,7 +509,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     # Check the judge set-up before spending minutes on loading and generating.
     client = prompts = None
     if args.judge_url:
-        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env))
+        client = judge.JudgeClient(args.judge_url, args.judge_model, judge.api_key_from_env(args.judge_key_env),
+                                   timeout=args.judge_timeout)
         prompts = judge.read_prompts(args.prompts)[: args.num_prompts]
     model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     progress = not args.no_progress
@@ -508,26 +523,73 @@ def _run_eval(args: argparse.Namespace) -> int:
         lm = evaluate_lm(model, tokens, args.seq_len, args.batch_size, args.max_tokens, source, progress)
         print(lm.table())
         results["lm"] = lm.to_dict()
+    out = args.out or (_judge_out(args.model, path) if client is not None else None)
     if client is not None:
-        from .tokenizer import load_tokenizer
-
-        gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-               "top_p": args.top_p, "seed": args.seed}
-        stories = judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
-                                      args.samples, progress)
-        summary = judge.summarize(stories)
-        if "lm" in results:
-            print()
-        print(judge.summary_table(summary))
-        results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
-                            "prompts": len(prompts), "samples_per_prompt": args.samples,
-                            "summary": summary, "stories": stories}
-    out = args.out or ("eval_judge.json" if client is not None else None)
+        return _judge(args, model, path, client, prompts, results, out, progress)
     if out:
         write_json(out, results)
         print(f"results written to {out}")
-    if client is not None and summary["scored"] == 0:
-        raise NanogemmaError(f"no judge reply could be read as scores; the replies are in {out}")
+    return 0
+
+
+def _judge_out(model: str | None, path: Path) -> str:
+    """Where judged results go by default: beside the run (in a run or model folder, next to a model file
+    given by path), not wherever the command happened to run; the bundled model's go to the current folder."""
+    if model is None or not Path(model).expanduser().exists():
+        return "eval_judge.json"
+    return str(path / "eval_judge.json" if path.is_dir() else path.with_name(f"{path.stem}.eval_judge.json"))
+
+
+def _judge(args: argparse.Namespace, model, path: Path, client, prompts, results: dict, out: str,
+           progress: bool) -> int:
+    """Judged story quality: each story appended to OUT.partial.jsonl as it is judged, OUT written at the end
+    (or, on Ctrl-C or the deadline, with what was judged, marked incomplete)."""
+    import json
+    import time
+
+    from .tokenizer import load_tokenizer
+    from .tools import judge
+    from .tools.evaluate import write_json
+
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+           "top_p": args.top_p, "seed": args.seed}
+    partial = Path(f"{out}.partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    stories: list = []
+    interrupted, abort = False, None
+    if args.judge_deadline:
+        client.deadline = time.monotonic() + args.judge_deadline
+    with open(partial, "w", encoding="utf-8") as log:
+        def keep(rec: dict) -> None:
+            log.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            log.flush()
+
+        try:
+            judge.judge_stories(judge.story_generator(model, load_tokenizer(path), **gen), client, prompts,
+                                args.samples, progress, on_record=keep, results=stories)
+        except KeyboardInterrupt:
+            interrupted = True
+        except NanogemmaError as e:  # every request failing: stop, but keep what the judge said
+            abort = e
+    summary = judge.summarize(stories)
+    complete = not interrupted and abort is None and len(stories) == len(prompts) * args.samples
+    if abort is None:
+        print(("\n" if "lm" in results else "") + judge.summary_table(summary))
+    results["judge"] = {"url": client.url, "model": client.model, "generation": gen,
+                        "prompts": len(prompts), "samples_per_prompt": args.samples, "complete": complete,
+                        "summary": summary, "stories": stories}
+    write_json(out, results)
+    partial.unlink(missing_ok=True)
+    if abort is not None:
+        raise NanogemmaError(f"{abort}; the replies are in {out}")
+    if interrupted:
+        print(f"interrupted: the {len(stories)} judged stories are in {out} (marked incomplete)", file=sys.stderr)
+        return 130
+    print(f"results written to {out}" + ("" if complete else f" ({len(stories)} of "
+                                                              f"{len(prompts) * args.samples} stories: incomplete)"))
+    if summary["scored"] == 0:
+        raise NanogemmaError(f"no judge reply could be read as scores (first error: {judge.first_error(stories)}); "
+                             f"the replies are in {out}")
     return 0
 
 
@@ -609,19 +671,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step over all slots (CUDA graphs on a GPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--slots", type=int, default=8, help="requests served at once (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--slots", type=POSITIVE, default=8, help="requests served at once (default 8)")
+    p.add_argument("--max-queue", type=NON_NEGATIVE, default=64,
                    help="requests that may wait for a slot; more are answered 429 (default 64)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="tokens per request, prompt plus reply (default 8192, at most the model's context)")
-    p.add_argument("--step-tokens", type=int, default=256,
+    p.add_argument("--step-tokens", type=POSITIVE, default=256,
                    help="tokens one engine step may feed, decode and prompt chunks together (default 256)")
-    p.add_argument("--prefix-cache", type=int, default=8,  # engine.DEFAULT_PREFIX_CACHE
+    p.add_argument("--prefix-cache", type=NON_NEGATIVE, default=8,  # engine.DEFAULT_PREFIX_CACHE
                    help="prompt prefixes kept for reuse, e.g. a shared system prompt (default 8, 0: off; "
                         "each holds a slot's cache rows)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    p.add_argument("--timeout", type=number(float, 0, lo_open=True), default=600.0, help="seconds a request may take (default 600)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=_run_serve)
 
@@ -637,7 +699,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
+    parser = OneLineParser(prog="nanogemma", description="Gemma 3 from scratch in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"nanogemma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
@@ -654,6 +716,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every text argument must be UTF-8 (a lone surrogate is a byte the shell passed that is not)."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                check_text(v, "--" + name.replace("_", "-") if name not in ("prompt", "source") else f"the {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -666,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _check_arguments(args)
         return args.run(args)
     except NanogemmaError as e:
         print(f"nanogemma: error: {e}", file=sys.stderr)
@@ -675,3 +746,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the filesystem's failures (full disk, read-only, a file in the way): one line
+        print(f"nanogemma: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1

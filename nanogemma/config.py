@@ -43,6 +43,7 @@ class GemmaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        self._check_values()
         if not self.layer_types:
             self.layer_types = layer_pattern(self.num_layers)
         self.layer_types = tuple(self.layer_types)
@@ -56,6 +57,27 @@ class GemmaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
+    def _check_values(self) -> None:
+        """Types and ranges, so that a crafted config fails here, in one line, not in the model's arithmetic."""
+        import math
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{f.name} must be a whole number, got {v!r}")
+                if v < 1:
+                    raise ValueError(f"{f.name} must be at least 1, got {v}")
+            elif f.type in ("float", float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+                if v <= 0:
+                    raise ValueError(f"{f.name} must be positive, got {v}")
+            elif f.type in ("bool", bool) and not isinstance(v, bool):
+                raise ValueError(f"{f.name} must be true or false, got {v!r}")
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ValueError(f"layer_types must be a list, got {self.layer_types!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
@@ -63,6 +85,8 @@ class GemmaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GemmaConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config is an object of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -132,8 +156,12 @@ def _rope_scale(rope: dict[str, Any] | None) -> float:
 
 def from_hf_config(hf: dict[str, Any]) -> GemmaConfig:
     """Map a Hugging Face Gemma 3 `config.json` (text-only, or multimodal with `text_config`) onto GemmaConfig."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json holds {type(hf).__name__}, not an object")
     if hf.get("model_type") == "gemma3" or "text_config" in hf:
         hf = hf.get("text_config") or {}
+        if not isinstance(hf, dict):
+            raise ValueError("config.json's text_config is not an object")
     mt = hf.get("model_type", "gemma3_text")
     if mt not in ("gemma3_text", "gemma3"):
         raise ValueError(f"config.json describes a '{mt}' model; nanogemma loads Gemma 3 (gemma3_text)")

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
-import tempfile
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
 from .errors import NanogemmaError
+from .files import atomic_path, clean_orphans, manifest_ok, read_json, write_manifest
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types, as in GGUF
 _BUILD_VERSION = 3  # bump when the built tokenizer changes, to invalidate caches
@@ -85,6 +85,19 @@ class Tokenizer:
         if self.fast is not None:
             return self._with_bos(self.fast.encode(text), add_bos)
         return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids, add_bos)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with every character as text: "<start_of_turn>" written in it becomes the pieces of
+        those characters, not the control token (transformers' `split_special_tokens=True`)."""
+        if self.fast is not None:
+            return self.fast._encode_plain(text)
+        backend = self.backend
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return backend.encode(text, add_special_tokens=False).ids
+        finally:
+            backend.encode_special_tokens = before
 
     def encode_batch(self, texts: list[str], add_bos: bool = True) -> list[list[int]]:
         """`encode` for many texts at once."""
@@ -148,27 +161,36 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """The tokenizer embedded in a GGUF file; built once, then loaded from the cache."""
+        from .weight_files import cache_unwritable
 
         path = Path(path).expanduser()
         if not path.is_file():
             raise NanogemmaError(f"GGUF file not found: {path}")
         cached = gguf_tokenizer_folder(path)
-        if (cached / "tokenizer_config.json").is_file():
-            return cls.from_hf(cached)
+        manifest = cached / _MANIFEST
+        if cached.is_dir():
+            # Every file is checked against the sizes and digests recorded when the folder was built (cheaply:
+            # see files.manifest_ok); damage found is rebuilt once, here, not met again at every start.
+            if manifest_ok(manifest):
+                try:
+                    return cls.from_hf(cached)
+                except NanogemmaError:
+                    pass
+            if manifest.is_file():  # (a cache from before digests were recorded is rebuilt once, quietly)
+                print(f"nanogemma: warning: the tokenizer cache {cached} was damaged: rebuilding it from {path}",
+                      file=sys.stderr)
         backend, ids, pieces, types = _read_gguf_tokenizer(path)
         tok = cls(backend, **ids)
-        try:  # best effort: a read-only cache only costs speed
+        try:  # best effort: a read-only cache only costs speed (and says so)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-            tmp.chmod(0o755)
-            tok.save(tmp)
-            tok.fast = SentencePieceEngine.write(tmp / SentencePieceEngine.FILE, pieces, types, tok)
-            try:
-                tmp.rename(cached)  # atomic: readers see the whole folder or none
-            except OSError:  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
+            clean_orphans(cached.parent)
+            with atomic_path(cached, folder=True) as tmp:  # readers see the whole folder or none
+                tmp.chmod(0o755)
+                tok.save(tmp)
+                tok.fast = SentencePieceEngine.write(tmp / SentencePieceEngine.FILE, pieces, types, tok)
+                write_manifest(tmp / _MANIFEST, sorted(f for f in tmp.iterdir() if f.name != _MANIFEST))
+        except OSError as e:
+            cache_unwritable(cached, e)
         return tok
 
     @classmethod
@@ -180,7 +202,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if (folder / name).is_file():
-                config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+                config.update(read_json(folder / name, "tokenizer file", "restore the tokenizer files"))
         names = {}
         for key, default in _SPECIAL_NAMES.items():
             name = config.get(f"{key}_token") or default
@@ -194,9 +216,9 @@ class Tokenizer:
             except (ImportError, RuntimeError, OSError):  # no sentencepiece, or a damaged file: tokenizer.json
                 pass
         if fast is not None:
-            backend: _Backend | Callable[[], _Backend] = lambda: _Backend.from_file(str(folder / "tokenizer.json"))
+            backend: _Backend | Callable[[], _Backend] = lambda: _read_tokenizer_json(folder / "tokenizer.json")
         elif (folder / "tokenizer.json").is_file():
-            backend = _Backend.from_file(str(folder / "tokenizer.json"))
+            backend = _read_tokenizer_json(folder / "tokenizer.json")
         elif (folder / "tokenizer.model").is_file():
             pieces, types = _read_sentencepiece(folder / "tokenizer.model")
             backend = _build(pieces, types, unk=names["unk"], bos=names["bos"])
@@ -211,6 +233,18 @@ class Tokenizer:
             raise NanogemmaError(f"{folder}: the vocabulary lacks {', '.join(missing)}; "
                                  "name the special tokens in tokenizer_config.json")
         return cls(backend, **ids, add_bos_token=bool(config.get("add_bos_token", True)), fast=fast)
+
+_MANIFEST = "nanogemma-manifest.json"  # a cached tokenizer folder's file sizes and digests
+
+
+def _read_tokenizer_json(path: Path) -> _Backend:
+    """`tokenizers`' reading of a tokenizer.json; a damaged file is one line naming it."""
+    try:
+        return _Backend.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise NanogemmaError(f"{path} is damaged or not a tokenizer.json ({str(e)[:120]}); restore the "
+                             "tokenizer files (a cached one is rebuilt when its GGUF is loaded again)") from None
+
 
 class SentencePieceEngine:
     """Gemma's BPE run by the `sentencepiece` library, giving the reference's ids.

@@ -14,6 +14,7 @@ maps, the path rules and the GGUF conversions are written once and `nanogemma.ja
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,6 +28,27 @@ import numpy as np
 
 from .config import GLOBAL, SLIDING, GemmaConfig, layer_pattern
 from .errors import NanogemmaError
+from .files import atomic_path, clean_orphans, manifest_ok, read_json, write_manifest
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64", "F32", "F16", "BF16", "F64")
+
+
+def config_from(parse: Callable[[Any], GemmaConfig], data: Any, source: str | Path) -> GemmaConfig:
+    """A GemmaConfig from a file's contents, or one line naming the file and the bad value: the one way every
+    loader turns a config into a model's shape (a crafted config must not reach a ZeroDivisionError)."""
+    if not isinstance(data, dict):
+        raise NanogemmaError(f"{source}: the model config is {type(data).__name__}, not a JSON object; "
+                             "restore the file")
+    try:
+        return parse(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise NanogemmaError(f"{source}: {e}") from None
+
+
+def safetensors_damage(file: Path, e: BaseException) -> NanogemmaError:
+    """The error for a safetensors file that cannot be read (truncated, bad header, not safetensors)."""
+    return NanogemmaError(f"{file} is damaged or not a safetensors file ({type(e).__name__}: {e}); "
+                          "restore it (a checkpoint: load RUN_DIR/last or RUN_DIR/best instead)")
 
 
 def check_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], source: str) -> None:
@@ -39,6 +61,10 @@ def check_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, A
     if unused:
         raise NanogemmaError(f"{source} has a tensor nanogemma does not use: '{unused[0]}' ({len(unused)} unused)")
     for k, shape in expected.items():
+        dtype = str(getattr(state[k], "dtype", "float32")).removeprefix("torch.")
+        if dtype not in _FLOAT_DTYPES:
+            raise NanogemmaError(f"{source}: tensor '{k}' holds {dtype} values; a Gemma's weights are floating "
+                                 "point (float32, bfloat16 or float16)")
         if tuple(state[k].shape) != tuple(shape):
             raise NanogemmaError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, the config implies "
                                  f"{tuple(shape)}")
@@ -68,9 +94,27 @@ _GGUF_HEAD = ("lm_head.weight", "output.weight")  # present only when the head i
 
 
 def cache_dir() -> Path:
+    """The cache folder ($NANOGEMMA_CACHE, else ~/.cache/nanogemma). Writing into it may still fail (read-only,
+    a file in the way): every cache write is best effort, and `cache_unwritable` says so once."""
     root = Path(os.environ.get("NANOGEMMA_CACHE", Path.home() / ".cache" / "nanogemma"))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
     return root
+
+
+_WARNED: set[str] = set()
+
+
+def cache_unwritable(path: Path, e: OSError) -> None:
+    """Say once per process that a cache cannot be written, and carry on without it."""
+    import sys
+
+    if str(path.parent) not in _WARNED:
+        _WARNED.add(str(path.parent))
+        print(f"nanogemma: warning: cannot write the cache {path.parent} ({e.strerror or e}): running without "
+              "caching (the next start is slow again); set NANOGEMMA_CACHE to a writable folder", file=sys.stderr)
 
 
 def file_digest(path: str | Path) -> str:
@@ -231,7 +275,10 @@ def read_gguf_arrays(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise NanogemmaError(f"{path}: GGUF has no 'token_embd.weight' tensor; is it a Gemma 3 language model?")
-    cfg = gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]), tied=_GGUF_HEAD[1] not in tensors)
+    try:
+        cfg = gguf_config(reader, int(tensors["token_embd.weight"].shape[-1]), tied=_GGUF_HEAD[1] not in tensors)
+    except (ValueError, TypeError) as e:  # metadata that describes no possible model
+        raise NanogemmaError(f"{path}: {e}") from None
     names = gguf_name_map(cfg.num_layers)
     state = {}
     for name, t in tensors.items():
@@ -269,19 +316,38 @@ def load_gguf_cached(path: str | Path, read_cache: Callable[[Path], tuple[GemmaC
     if not path.is_file():
         raise NanogemmaError(f"model file not found: {path}")
     cached = gguf_cache_file(path)
+    manifest = cached.with_name(cached.name + ".manifest.json")
     if cached.is_file():
-        try:
-            return read_cache(cached)
-        except Exception:
-            cached.unlink(missing_ok=True)
+        # The header and size are checked by safetensors; the content by the manifest's SHA-256 whenever the
+        # file changed since its last check (see files.manifest_ok): damage is rebuilt, never used.
+        if manifest_ok(manifest, [cached]):
+            try:
+                return read_cache(cached)
+            except Exception:
+                pass
+        if manifest.is_file():  # (a cache written before digests were recorded is rebuilt once, quietly)
+            import sys
+
+            print(f"nanogemma: warning: the weights cache {cached} was damaged: rebuilding it from {path}",
+                  file=sys.stderr)
+        for f in (cached, manifest):
+            f.unlink(missing_ok=True)
     try:
         cfg, state = read_gguf_arrays(path)
     finally:
         release_gguf()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()), "source": path.name})
-    os.replace(tmp, cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        clean_orphans(cached.parent)
+        with atomic_path(cached) as tmp:
+            save_file(state, str(tmp), metadata={"nanogemma_config": json.dumps(cfg.to_dict()),
+                                                 "source": path.name})
+        write_manifest(manifest, [cached])
+    except OSError as e:  # read-only, full, or a file where the folder belongs: run without the cache
+        for f in (cached, manifest):
+            with contextlib.suppress(OSError):
+                f.unlink()
+        cache_unwritable(cached, e)
     return cfg, state
 
 
@@ -335,7 +401,11 @@ def hf_state_dict(state: Mapping[str, Any], prefix: str = "model.") -> dict[str,
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        fix = "download model.safetensors.index.json again"
+        weight_map = read_json(index, "safetensors index", fix).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise NanogemmaError(f"{index} is damaged: no 'weight_map' of tensor names to files; {fix}")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise NanogemmaError(f"{folder}: shard '{missing[0]}' listed in model.safetensors.index.json "
@@ -356,6 +426,9 @@ def resolve_model(name_or_path: str | Path | None) -> tuple[str, Path]:
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return "gguf", default_gguf_path()
     p = Path(name_or_path).expanduser()
+    if p.exists() and not p.is_file() and not p.is_dir():
+        raise NanogemmaError(f"{p} is not a regular file (a device or special file); pass a .gguf file or a "
+                             "model folder")
     if p.is_file():
         if p.suffix != ".gguf":
             raise NanogemmaError(f"{p}: not a .gguf file; pass a GGUF file or a model folder")

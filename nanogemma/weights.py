@@ -25,15 +25,19 @@ from torch import nn
 
 from .config import GemmaConfig, from_hf_config
 from .errors import NanogemmaError
+from .files import read_json
+from .flags import check_device
 from .model import Gemma
 from .weight_files import (
     check_tensors,
+    config_from,
     hf_state_dict,
     load_gguf_cached,
     ours_from_hf,
     read_gguf_arrays,
     release_gguf,
     resolve_model,
+    safetensors_damage,
     safetensors_files,
 )
 
@@ -88,6 +92,23 @@ def _read_cache(path: Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
         return cfg, {k: f.get_tensor(k) for k in f.keys()}
 
 
+def read_safetensors(file: Path, keep: Callable[[str], str | None] = lambda k: k) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file (memory-mapped), named by `keep` (None: skip); damage (a
+    truncated file, a bad header) is a NanogemmaError that names the file."""
+    state = {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                name = keep(k)
+                if name is not None:
+                    state[name] = f.get_tensor(k)
+    except NanogemmaError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise safetensors_damage(file, e) from None
+    return state
+
+
 # ---------------------------------------------------------------------------------------- Hugging Face
 
 
@@ -97,22 +118,11 @@ def load_hf(folder: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise NanogemmaError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        cfg = from_hf_config(json.loads(cfg_path.read_text(encoding="utf-8")))
-    except (ValueError, json.JSONDecodeError) as e:
-        raise NanogemmaError(f"{cfg_path}: {e}") from None
+    cfg = config_from(from_hf_config, read_json(cfg_path, "model config", "download the model's config.json "
+                                                "again"), cfg_path)
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for k in f.keys():
-                    ours = ours_from_hf(k)
-                    if ours is not None:
-                        state[ours] = f.get_tensor(k)
-        except NanogemmaError:
-            raise
-        except Exception as e:
-            raise NanogemmaError(f"{file} is not a readable safetensors file ({e})") from None
+        state.update(read_safetensors(file, ours_from_hf))
     if cfg.tie_embeddings:
         head = state.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, state.get("embed.weight", head)):
@@ -131,8 +141,9 @@ def load_state(name_or_path: str | Path | None = None) -> tuple[GemmaConfig, dic
     elif kind == "hf":
         cfg, state = load_hf(path)
     else:
-        meta = json.loads((path / "nanogemma.json").read_text())
-        cfg = GemmaConfig.from_dict(meta["model"])
+        meta_path = path / "nanogemma.json"
+        meta = read_json(meta_path, "run metadata", "restore the run folder, or load RUN_DIR/last")
+        cfg = config_from(GemmaConfig.from_dict, meta.get("model"), meta_path)
         state = _load_safetensors(path / "model.safetensors")
         if meta.get("lora"):  # a LoRA run holds adapters only: the model is its base with them merged in
             from .lora import LoRAConfig, merged_state
@@ -152,8 +163,7 @@ def lora_base_state(lora: dict, run: Path) -> dict[str, torch.Tensor]:
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise NanogemmaError(f"{file} is missing")
-    with safe_open(str(file), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    return read_safetensors(file)
 
 
 def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -175,8 +185,7 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
 
     if dtype == torch.float16:
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise NanogemmaError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    check_device(str(device))
     try:
         cfg, state, path = load_state(name_or_path)
         model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))

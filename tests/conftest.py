@@ -95,3 +95,31 @@ def tiny_hf(tmp_path_factory) -> Path:
     from helpers import write_tiny_hf
 
     return write_tiny_hf(tmp_path_factory.mktemp("tiny-hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A synthetic story corpus with a 320-token BPE (the folder tests/test_train_loop.py prepares too:
+    `prepare` skips a finished folder, so it is made once per session)."""
+    from nanogemma.data import prepare
+
+    folder = tmp_path_factory.getbasetemp() / "train-synthetic-bpe320"
+    prepare("synthetic:400", folder, tokenizer="bpe:320", workers=1, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A finished 2-step run of the tiny preset: a run folder with `last`, `best` and the data's tokenizer."""
+    from nanogemma.train import resolve, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("tiny-run") / "run"
+        train(resolve({"data": str(tiny_data), "out_dir": str(out), "preset": "tiny", "max_steps": 2,
+                       "eval_every": 0, "eval_batches": 1, "progress": False, "tensorboard": False,
+                       "sample_tokens": 0, "log_every": 1, "warmup_steps": 1}))
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -94,8 +94,9 @@ def test_end_of_input_exits_and_errors_are_reported(model, tok):
         except StopIteration:
             raise EOFError from None
 
-    assert run_chat(chat, read=reader, out=out) == 0
-    assert "exceed the 24-token context" in out.getvalue()
+    err = io.StringIO()
+    assert run_chat(chat, read=reader, out=out, err=err) == 1  # a failed turn: said on stderr, exit status 1
+    assert "exceed the 24-token context" in err.getvalue() and "error" not in out.getvalue()
     with pytest.raises(NanogemmaError, match="empty"):
         chat.send("   ")
 

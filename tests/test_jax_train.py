@@ -89,12 +89,12 @@ def test_resume_across_backends(runs, data, tmp_path, first, second):
     """Three steps with one backend, then --resume with the other: the last two losses of a straight run.
 
     warmup_steps = 3, so the first three steps' learning rates do not depend on max_steps, which the resumed
-    run raises from 3 to 5 (as a user extending a run would).
+    run raises from 3 to 5 with the decay end moved to 5 (as a user extending a run would: --decay-steps).
     """
     train = {"torch": torch_train, "jax": jax_train}
     out = tmp_path / "run"
     train[first](settings(data, out, max_steps=3))
-    resumed = train[second](settings(data, out, max_steps=STEPS, resume=True))
+    resumed = train[second](settings(data, out, max_steps=STEPS, decay_steps=STEPS, resume=True))
     straight = runs["torch"].losses[3:]
     diff = float(np.abs(np.array(resumed.losses) - np.array(straight)).max())
     print(f"\n[jax train] {first} 3 steps -> {second} --resume to {STEPS}: max |loss - straight run| = {diff:.2g}")

@@ -91,7 +91,7 @@ def test_fsdp2_with_resume_equals_one_process(data, reference, tmp_path):
     out = tmp_path / "fsdp"
     p = torchrun(*flags(data, out, grad_accum=1, max_steps=4, fsdp="true"))
     assert "2 processes (FSDP2)" in p.stderr
-    torchrun("--resume", f"--out-dir={out}", "--max-steps=8", "--progress=false")
+    torchrun("--resume", f"--out-dir={out}", "--max-steps=8", "--decay-steps=8", "--progress=false")
     got = losses(out)
     assert len(got) == 8
     worst = max(abs(a - b) for a, b in zip(got, ref.losses, strict=True))

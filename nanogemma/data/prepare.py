@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NanogemmaError
+from ..files import OutputLock
 from . import store
 from .encoders import BPE_FILE, DataTokenizer, load_gemma, load_gpt2, load_saved, parse_spec, train_bpe
 from .sources import DEFAULT_SOURCE, LocalSource, Source, SyntheticSource, open_source
@@ -167,14 +168,15 @@ def prepare(source: str | list[str] | None = None, out: str | Path | None = None
         recipe = {"format": FORMAT_VERSION, "source": src.recipe(), "tokenizer": tokenizer}
         if src.may_hold_out:
             recipe |= {"val_fraction": val_fraction, "seed": seed}
-        staging = store.begin(folder, recipe, overwrite)
-        if staging is None:
-            return PrepareResult(folder, store.read_meta(folder), skipped=True)
-        src.open()
-        for note in src.warnings():
-            warn(note)
-        return _run(src, folder, staging, recipe, kind, vocab, tokenizer, tokenizer_file, val_fraction, seed,
-                    workers, progress, warn)
+        with OutputLock(folder, "prepare"):  # two runs into one folder would mix their files
+            staging = store.begin(folder, recipe, overwrite)
+            if staging is None:
+                return PrepareResult(folder, store.read_meta(folder), skipped=True)
+            src.open()
+            for note in src.warnings():
+                warn(note)
+            return _run(src, folder, staging, recipe, kind, vocab, tokenizer, tokenizer_file, val_fraction, seed,
+                        workers, progress, warn)
     finally:
         src.close()
 

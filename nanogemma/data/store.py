@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NanogemmaError
+from ..files import read_json, regular_file
+
+TOKEN_DTYPES = ("uint16", "uint32")
 
 META = "meta.json"
 STAGING = ".partial"
@@ -32,13 +35,21 @@ _OURS = ("train.bin", "val.bin", "gpt2.tiktoken", "tokenizer.json", "gemma-token
 def read_meta(folder: str | Path) -> dict:
     """The meta.json of a prepared folder, as a dict."""
     path = Path(folder) / META
-    if not path.is_file():
+    if not path.exists():
         raise NanogemmaError(f"{folder} is not a prepared data folder (no {META}); "
                              f"run `nanogemma prepare --out {folder}` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NanogemmaError(f"{path} is damaged ({e}); prepare the folder again with --overwrite") from None
+    fix = "prepare the folder again with --overwrite"
+    meta = read_json(path, "data description", fix)
+    # What readers rely on, checked once here: the token type and a file and a count per split.
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise NanogemmaError(f"{path} is damaged: dtype {meta.get('dtype')!r} is not one of "
+                             f"{', '.join(TOKEN_DTYPES)}; {fix}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits or not all(
+            isinstance(i, dict) and isinstance(i.get("file"), str) and isinstance(i.get("tokens"), int)
+            and not isinstance(i.get("tokens"), bool) and i["tokens"] >= 0 for i in splits.values()):
+        raise NanogemmaError(f"{path} is damaged: no valid 'splits' (a file and a token count per split); {fix}")
+    return meta
 
 
 def read_tokens(folder: str | Path, split: str = "train") -> np.memmap:
@@ -48,11 +59,31 @@ def read_tokens(folder: str | Path, split: str = "train") -> np.memmap:
     if info is None:
         raise NanogemmaError(f"{folder} has no split {split!r} (it has: {', '.join(meta['splits'])})")
     path = Path(folder) / info["file"]
-    if not path.is_file():
+    if not path.exists():
         raise NanogemmaError(f"{path} is missing; prepare the folder again with --overwrite")
+    regular_file(path, "token file")
+    # A truncated, extended or re-typed file must not train (or evaluate) in silence: its size is the
+    # token count times the type's width, exactly.
+    size, want = path.stat().st_size, info["tokens"] * np.dtype(meta["dtype"]).itemsize
+    if size != want:
+        raise NanogemmaError(f"{path} holds {size:,} bytes, but {META} describes {info['tokens']:,} {meta['dtype']} "
+                             f"tokens ({want:,} bytes): the file is damaged or not this folder's; prepare the "
+                             "folder again with --overwrite")
     if info["tokens"] == 0:
         return np.zeros(0, dtype=meta["dtype"])
     return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+def check_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    """Refuse token ids at or beyond `vocab_size` (read in blocks: memory stays flat on a large corpus)."""
+    block = 1 << 26
+    for start in range(0, len(tokens), block):
+        top = int(np.max(tokens[start:start + block]))
+        if top >= vocab_size:
+            at = start + int(np.argmax(np.asarray(tokens[start:start + block]) >= vocab_size))
+            raise NanogemmaError(f"{where} holds token id {top} (first bad one at token {at:,}), beyond the "
+                                 f"tokenizer's {vocab_size:,} ids: the file is damaged or not this folder's; "
+                                 "prepare the folder again with --overwrite")
 
 
 def sha256_file(path: Path) -> str:
@@ -66,7 +97,7 @@ def sha256_file(path: Path) -> str:
 def verify(folder: str | Path) -> None:
     """Check every file of a prepared folder against the sizes and checksums in its meta.json."""
     meta = read_meta(folder)
-    for name, digest in meta["checksums"].items():
+    for name, digest in (meta.get("checksums") or {}).items():
         path = Path(folder) / name
         if not path.is_file() or sha256_file(path) != digest:
             raise NanogemmaError(f"{path} does not match its checksum in {META}; prepare again with --overwrite")

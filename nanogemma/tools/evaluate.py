@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import NanogemmaError
+from ..files import read_text
 
 
 @dataclass
@@ -54,8 +55,10 @@ class LMResult:
 
 def load_model(name_or_path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, path) without the tokenizer: a prepared dataset needs none, and run folders may lack one."""
+    from ..flags import check_device
     from ..weights import build_model, load_state
 
+    check_device(str(device))
     if dtype == torch.float16:
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
     cfg, state, path = load_state(name_or_path)
@@ -82,12 +85,7 @@ def text_tokens(files: Sequence[str | Path], encode: Callable[[str], list[int]])
     """Each file is one document; their ids are concatenated."""
     ids: list[int] = []
     for f in map(Path, files):
-        if not f.is_file():
-            raise NanogemmaError(f"text file not found: {f}")
-        try:
-            ids += encode(f.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise NanogemmaError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        ids += encode(read_text(f, "text file"))
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -144,6 +142,8 @@ def evaluate_lm(model, tokens: np.ndarray, seq_len: int | None = None, batch_siz
 
 
 def write_json(path: str | Path, data: dict) -> None:
+    from ..files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

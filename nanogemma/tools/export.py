@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..config import to_hf_config
 from ..errors import NanogemmaError
+from ..files import clean_orphans, temp_name
 
 FORMATS = ("hf", "peft")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -69,7 +69,9 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
     weights = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in hf_state_dict(state).items()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    clean_orphans(out_dir.parent)  # what an export killed before its rename left
+    tmp = temp_name(out_dir)
+    tmp.mkdir()
     try:
         copied, tok = _write_tokenizer(tmp, tok_source, path)
         if tok is not None:

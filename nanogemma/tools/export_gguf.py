@@ -48,6 +48,7 @@ import numpy as np
 
 from ..config import SLIDING, GemmaConfig, layer_pattern
 from ..errors import NanogemmaError
+from ..files import clean_orphans, temp_name
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "gemma3"
@@ -343,7 +344,8 @@ def write_gguf(out: Path, cfg: GemmaConfig, state: dict[str, Any], tok_fields: T
                              f"{cfg.vocab_size} embeddings; they do not belong together")
     tok_fields.pad_to(cfg.vocab_size)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # hidden, and not named *.gguf
+    clean_orphans(out.parent)  # what an export killed before its rename left
+    tmp = temp_name(out)  # hidden, not named *.gguf, and owned by this process
     w = gguf.GGUFWriter(str(tmp), ARCH)
     _add_metadata(w, cfg, name, kind)
     _add_tokenizer(w, tok_fields)

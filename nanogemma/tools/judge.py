@@ -22,6 +22,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -125,13 +126,23 @@ class JudgeClient:
     """A minimal OpenAI-compatible chat client on urllib (no SDK needed)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 retries: int = 2, temperature: float = 0.0) -> None:
+                 retries: int = 2, temperature: float = 0.0, deadline: float | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise NanogemmaError(f"--judge-url must start with http:// or https://, got '{url}'")
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.retries, self.temperature = retries, temperature
+        # `deadline` (time.monotonic() seconds) bounds all requests together: each waits at most until then.
+        self.deadline = deadline
+
+    def _wait(self) -> float:
+        if self.deadline is None:
+            return self.timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise JudgeError("the judging deadline (--judge-deadline) has passed")
+        return min(self.timeout, left)
 
     def chat(self, messages: list[dict[str, str]]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
@@ -141,16 +152,22 @@ class JudgeClient:
         for attempt in range(self.retries + 1):
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=self._wait()) as resp:
                     raw = resp.read(MAX_REPLY_BYTES + 1)
                 break
             except urllib.error.HTTPError as e:
                 # Rate limits and server errors may pass; a bad request or a bad key will not.
                 if e.code not in (429, 500, 502, 503, 504) or attempt == self.retries:
                     raise JudgeError(f"HTTP {e.code} {e.reason}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except TimeoutError as e:  # a server that accepts and never answers: no retry
+                raise JudgeError(f"no reply from {self.url} within {self.timeout:g} s (--judge-timeout)") from e
+            except (urllib.error.URLError, ConnectionError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError):
+                    raise JudgeError(f"no reply from {self.url} within {self.timeout:g} s (--judge-timeout)") from None
                 if attempt == self.retries:
-                    raise JudgeError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from None
+                    what = getattr(reason, "strerror", None) or str(reason)
+                    raise JudgeError(f"cannot reach {self.url}: {what.lower()}") from None
             time.sleep(min(2.0**attempt, 30.0))
         if len(raw) > MAX_REPLY_BYTES:
             raise JudgeError(f"reply larger than {MAX_REPLY_BYTES} bytes")
@@ -178,11 +195,11 @@ def read_prompts(path: str | Path | None) -> list[StoryPrompt]:
     """Prompts from a file: JSON lines {"prompt": ..., "instruction": ...}, or plain lines (one prompt each)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
+    from ..files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise NanogemmaError(f"prompts file not found: {path}")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -232,9 +249,17 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 
 def judge_stories(generate: Callable[[str, int], str], client: JudgeClient, prompts: list[StoryPrompt],
-                  samples: int = 1, progress: bool = True) -> list[dict[str, Any]]:
-    """For each prompt, `samples` stories from `generate(prompt_text, sample_index)`, each sent to the judge."""
-    results = []
+                  samples: int = 1, progress: bool = True,
+                  on_record: Callable[[dict[str, Any]], None] | None = None,
+                  results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """For each prompt, `samples` stories from `generate(prompt_text, sample_index)`, each sent to the judge.
+
+    Each judged story is appended to `results` (a list the caller may pass, so that what was judged before
+    an interruption is still there) and handed to `on_record` as soon as it is judged. The first failed
+    request is said on stderr at once; once the client's deadline has passed, no more stories are made.
+    """
+    results = [] if results is None else results
+    said = False
     bar = tqdm(total=len(prompts) * samples, unit="story", desc="judge", disable=not progress, leave=False)
     for i, p in enumerate(prompts):
         for k in range(samples):
@@ -246,14 +271,29 @@ def judge_stories(generate: Callable[[str, int], str], client: JudgeClient, prom
                 rec["scores"], rec["error"] = parse_scores(rec["reply"], p.instruction is not None)
             except JudgeError as e:
                 rec["error"] = f"request failed: {e}"
+                if not said:
+                    said = True
+                    bar.write(f"nanogemma: warning: judge {rec['error']}", file=sys.stderr)
             results.append(rec)
+            if on_record is not None:
+                on_record(rec)
             if len(results) == 3 and all(r["reply"] is None for r in results):
                 # A wrong URL, model name or key fails every request: say so now, not after N × K stories.
                 raise NanogemmaError(f"the judge failed the first 3 requests ({rec['error']}); "
                                      "check --judge-url, --judge-model and the API key")
             bar.update(1)
+            if client.deadline is not None and time.monotonic() >= client.deadline:
+                bar.write("nanogemma: warning: the judging deadline passed: the remaining stories are not judged",
+                          file=sys.stderr)
+                bar.close()
+                return results
     bar.close()
     return results
+
+
+def first_error(stories: list[dict[str, Any]]) -> str | None:
+    """The first failure among judged stories (what a user needs to fix a URL, model or key)."""
+    return next((s["error"] for s in stories if s.get("error")), None)
 
 
 def story_generator(model, tok, max_new_tokens: int, temperature: float, top_k: int | None,

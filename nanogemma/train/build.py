@@ -40,12 +40,17 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     if resume:
         found = ckpt.find_checkpoint(run_dir, "last")
         if found is None:
+            if (run_dir / ckpt.SETTINGS).is_file():
+                raise NanogemmaError(f"{run_dir} holds a run that stopped before its first checkpoint: nothing "
+                                     "to resume; run the same command without --resume to start it again")
             raise NanogemmaError(f"{run_dir} has no checkpoint to resume from (no last/trainer.pt); "
                                  "start a new run without --resume")
         return found
-    if (run_dir / ckpt.SETTINGS).exists() or ckpt.find_checkpoint(run_dir, "last") is not None:
+    if ckpt.find_checkpoint(run_dir, "last") is not None:
         raise NanogemmaError(f"{run_dir} already holds a training run: pass --resume to continue it, or "
                              "choose another --out-dir")
+    if (run_dir / ckpt.SETTINGS).is_file():  # no checkpoint was written: nothing is lost by starting over
+        warn(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again from step 0")
     return None
 
 

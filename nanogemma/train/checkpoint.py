@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import NanogemmaError
+from ..files import atomic_path, atomic_write, read_json
 from .config import SETTINGS, TrainConfig, to_toml
 
 FORMAT = "nanogemma-run"
@@ -49,22 +50,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file under a temporary name, then rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link (no extra disk, instant) when the filesystem allows, else copy; atomic either way."""
     if dst.exists() and os.path.samefile(src, dst):
         return  # already that file (renaming a link onto itself would leave the temporary name behind)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
 
 
 def _umask() -> int:
@@ -74,7 +71,8 @@ def _umask() -> int:
 
 
 def save_settings(run_dir: Path, cfg: TrainConfig) -> None:
-    write_text(run_dir / SETTINGS, to_toml(cfg))
+    """train.toml: the run's settings (`resume` is how a command was started, not a setting of the run)."""
+    write_text(run_dir / SETTINGS, to_toml(cfg.replace(resume=False)))
 
 
 def find_checkpoint(run_dir: Path, name: str = "last") -> Path | None:
@@ -99,19 +97,23 @@ def save_checkpoint(run_dir: Path, name: str, weights: dict[str, torch.Tensor], 
     final, tmp, old = run_dir / name, run_dir / f".tmp-{name}", run_dir / f".old-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-    torch.save(trainer, tmp / TRAINER)
-    (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    for f in TOKENIZER_FILES:
-        if (run_dir / f).is_file():
-            _link_or_copy(run_dir / f, tmp / f)
-    mode = 0o666 & ~_umask()
-    for f in tmp.iterdir():  # the rename below publishes the folder: its bytes must be on disk first
-        if not f.is_symlink():
-            f.chmod(mode)  # safetensors writes owner-only files; a run folder is shared like any output
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        torch.save(trainer, tmp / TRAINER)
+        (tmp / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for f in TOKENIZER_FILES:
+            if (run_dir / f).is_file():
+                _link_or_copy(run_dir / f, tmp / f)
+        mode = 0o666 & ~_umask()
+        for f in tmp.iterdir():  # the rename below publishes the folder: its bytes must be on disk first
+            if not f.is_symlink():
+                f.chmod(mode)  # safetensors writes owner-only files; a run folder is shared like any output
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:  # a full disk: the incomplete folder goes, the previous checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return _swap_in(tmp, final, old)
 
 
@@ -154,11 +156,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def read_model_meta(folder: Path) -> dict[str, Any]:
-    path = folder / MODEL_META
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise NanogemmaError(f"{path} cannot be read ({e})") from None
+    return read_json(folder / MODEL_META, "checkpoint metadata", "resume from another checkpoint or start a new run")
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..config import PRESETS, GemmaConfig, get_preset
 from ..errors import NanogemmaError
+from ..flags import DEVICE, SEED_MAX
 
 SCRATCH = "scratch"
 SETTINGS = "train.toml"  # a run folder's resolved settings
@@ -72,7 +73,11 @@ class TrainConfig:
     seq_len: int = _s("tokens per training window", default=256)
     batch_size: int = _s("windows per micro-batch, per process", default=16)
     grad_accum: int = _s("micro-batches per optimizer step, per process", default=1)
-    max_steps: int = _s("optimizer steps to train for (the cosine decay ends here)", default=1000)
+    max_steps: int = _s("optimizer steps to train for (the cosine decay ends here unless decay_steps says "
+                        "otherwise)", default=1000)
+    decay_steps: int | None = _s("the step where the cosine decay reaches min_lr (default: max_steps; a "
+                                 "--resume with another max_steps keeps the run's own decay end unless this "
+                                 "is given)", default=None)
     lr: float = _s("peak learning rate, reached after warmup", default=1e-3)
     min_lr: float = _s("learning rate at the end of the cosine decay", default=1e-4)
     warmup_steps: int = _s("optimizer steps of linear warmup from 0 to lr", default=100)
@@ -83,6 +88,8 @@ class TrainConfig:
     grad_clip: float = _s("clip the global gradient norm to this (0: no clipping; the norm is logged anyway)",
                           default=1.0)
     seed: int = _s("seed of the initial weights and of the data sampler", default=0)
+    verify_data: bool = _s("check the data files' SHA-256 against meta.json before training (reads every "
+                           "byte; sizes, types and ids are always checked)", default=False)
     # ---- hardware and precision
     device: str = _s("auto (cuda if available, else cpu), cpu, cuda or cuda:N", default="auto")
     dtype: str = _s("autocast dtype over float32 weights: auto (bfloat16 on a GPU that has it, else float32), "
@@ -126,7 +133,7 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that describe the run rather than the training trajectory: changing them on --resume is expected.
-RUN_ONLY = {"resume", "progress", "threads", "tensorboard", "log_every", "eval_every", "checkpoint_every", "max_steps",
+RUN_ONLY = {"resume", "verify_data", "decay_steps", "progress", "threads", "tensorboard", "log_every", "eval_every", "checkpoint_every", "max_steps",
             "sample_tokens", "sample_prompt", "sample_temperature", "peak_tflops", "compile", "data", "out_dir"}
 
 # A model that learns the synthetic story grammar in minutes on a laptop CPU: about 1.6M parameters
@@ -237,12 +244,13 @@ def apply(cfg: TrainConfig, changes: dict[str, Any], source: str) -> TrainConfig
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file of settings. Tables ([model], [optim], ...) only group keys: their names are ignored."""
+    from ..files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise NanogemmaError(f"config file not found: {path}")
+    text = read_text(path, "config file")  # missing, not a regular file, not UTF-8: one line each
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise NanogemmaError(f"{path} is not valid TOML ({e}); fix the file") from None
     flat: dict[str, Any] = {}
 
@@ -298,6 +306,15 @@ def resolve(flags: dict[str, Any], config_file: str | Path | None = None) -> Tra
             raise NanogemmaError("--resume needs the run folder: pass --out-dir RUN_DIR")
         base = saved_config(Path(out_dir))
         cfg = check(apply(apply(base, file, str(config_file)), {**flags, "resume": True}, "flags"))
+        # The checkpoint's model is what continues: a shape setting that differs would be recorded in
+        # train.toml without being in effect, so it is refused.
+        fixed = [k for k in RESUME_FIXED if getattr(cfg, k) != getattr(base, k)]
+        if fixed:
+            k = fixed[0]
+            raise NanogemmaError(f"--resume continues the run's own model, whose {k} is {getattr(base, k)!r} "
+                                 f"(asked: {getattr(cfg, k)!r}); drop --{k.replace('_', '-')}, or start a new run "
+                                 "in another --out-dir (--init-from RUN_DIR starts one from this run's weights)")
+        cfg = _resume_schedule(base, cfg, "decay_steps" in flags or "decay_steps" in file)
         changed = [k for k in FIELDS if k not in RUN_ONLY and getattr(cfg, k) != getattr(base, k)]
         if changed:
             print(f"nanogemma: warning: resuming with changed {', '.join(changed)}: the run will not continue "
@@ -309,6 +326,29 @@ def resolve(flags: dict[str, Any], config_file: str | Path | None = None) -> Tra
     cfg = apply(TrainConfig(preset=preset), PRESETS_TRAIN[preset], f"preset {preset}")
     cfg = apply(cfg, file, str(config_file))
     return check(apply(cfg, flags, "flags"))
+
+
+RESUME_FIXED = ("model", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "sliding_window", "tie_embeddings", "vocab_multiple", "init_from", "init_std")
+
+
+def decay_end(cfg: TrainConfig) -> int:
+    """The step where the cosine decay reaches min_lr."""
+    return cfg.max_steps if cfg.decay_steps is None else cfg.decay_steps
+
+
+def _resume_schedule(base: TrainConfig, cfg: TrainConfig, asked: bool) -> TrainConfig:
+    """A resumed run keeps its learning-rate curve; it changes only when --decay-steps asks, said in one line."""
+    old, new = decay_end(base), decay_end(cfg)
+    if not asked:
+        if cfg.max_steps != base.max_steps:
+            print(f"nanogemma: resuming to step {cfg.max_steps} (was {base.max_steps}); the learning rate keeps "
+                  f"its decay to step {old} (--decay-steps N moves it)", file=sys.stderr)
+        return cfg.replace(decay_steps=None if old == cfg.max_steps else old)
+    if new != old:
+        print(f"nanogemma: resuming with the decay end moved from step {old} to {new} (--decay-steps): the "
+              "learning rate follows the new curve from the resume step on", file=sys.stderr)
+    return cfg
 
 
 def check(cfg: TrainConfig) -> TrainConfig:
@@ -325,8 +365,20 @@ def check(cfg: TrainConfig) -> TrainConfig:
                  "min_lr", "sample_temperature", "peak_tflops", "threads"]:
         if getattr(cfg, name) < 0:
             raise NanogemmaError(f"{name} must not be negative, got {getattr(cfg, name)}")
-    if cfg.seed < 0:
-        raise NanogemmaError(f"seed must not be negative, got {cfg.seed}")
+    for name in FIELDS:  # nan or inf passes every comparison below: refuse it first
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NanogemmaError(f"{name} must be a finite number, got {value}")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise NanogemmaError(f"seed must lie in [0, 2**64 - 1], got {cfg.seed}")
+    if not cfg.eps > 0:
+        raise NanogemmaError(f"eps must be positive (AdamW divides by sqrt(v) + eps), got {cfg.eps}")
+    if not cfg.init_std > 0:
+        raise NanogemmaError(f"init_std must be positive, got {cfg.init_std}")
+    if cfg.decay_steps is not None and cfg.decay_steps < 1:
+        raise NanogemmaError(f"decay_steps must be at least 1, got {cfg.decay_steps}")
+    if cfg.device != "auto" and not DEVICE.fullmatch(cfg.device):
+        raise NanogemmaError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise NanogemmaError(f"lr must be a positive number, got {cfg.lr}")
     if cfg.min_lr > cfg.lr:

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import load_data_tokenizer, read_meta, read_tokens
+from ..data import load_data_tokenizer, read_meta, read_tokens, verify
 from ..data.encoders import DataTokenizer
+from ..data.store import check_ids
 from ..errors import NanogemmaError
 
 
@@ -68,10 +69,20 @@ class Dataset:
         return None if not syn else float(syn["entropy_nats_per_token"])
 
 
-def open_dataset(folder: str | Path, seq_len: int) -> Dataset:
+def open_dataset(folder: str | Path, seq_len: int, checksums: bool = False) -> Dataset:
+    """The prepared folder, checked before any step: each file's size and type against meta.json (in
+    `read_tokens`), every id against the vocabulary, and with `checksums` every byte against its SHA-256."""
     folder = Path(folder)
     meta = read_meta(folder)
+    if checksums:
+        verify(folder)
     train, val = read_tokens(folder, "train"), read_tokens(folder, "val")
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int) or "eot_id" not in tok:
+        raise NanogemmaError(f"{folder / 'meta.json'} is damaged: no tokenizer vocab_size / eot_id; prepare the "
+                             "folder again with --overwrite")
+    for split, tokens in (("train", train), ("val", val)):
+        check_ids(tokens, tok["vocab_size"], str(folder / f"{split}.bin"))
     for split, tokens in (("train", train), ("val", val)):
         if len(tokens) < seq_len + 1:
             raise NanogemmaError(f"{folder}: the {split} split has {len(tokens):,} tokens, fewer than one window "

@@ -35,10 +35,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import NanogemmaError
+from ..files import OutputLock, clean_orphans
 from ..lora import adapter_state, is_adapter_key
 from . import build, tokenizer_files
 from . import checkpoint as ckpt
-from .config import TrainConfig, lora_config
+from .config import TrainConfig, decay_end, lora_config
 from .data import Dataset, WindowSampler, open_dataset, validation_offsets, windows
 from .distributed import World, any_flag, barrier, setup, teardown, wrap
 from .loss import LanguageModelLoss
@@ -105,8 +106,23 @@ class Loop:
     def __init__(self, cfg: TrainConfig, world: World) -> None:
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.out_dir)
+        # The run folder is this process's from here on (`drive` releases it): a second run into it is refused.
+        self.lock = OutputLock(self.run_dir, "train") if world.main else None
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            self._setup(cfg, world)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, cfg: TrainConfig, world: World) -> None:
         resume_from = build.check_run_dir(self.run_dir, cfg.resume)
-        self.data: Dataset = open_dataset(cfg.data, cfg.seq_len)
+        self.data: Dataset = open_dataset(cfg.data, cfg.seq_len, cfg.verify_data)
         self.dtype = self.resolve_dtype(cfg.dtype)
         mcfg, state, self.source = build.initial_model(cfg, self.data, resume_from)
         if self.data.vocab_size > mcfg.vocab_size:
@@ -115,13 +131,14 @@ class Loop:
         self.mcfg = mcfg
         self.build(state)
         del state
-        self.schedule = WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        self.schedule = WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, decay_end(cfg))
         self.sampler = WindowSampler(len(self.data.train), cfg.seq_len, cfg.seed)
         # Gemma-tokenized data: <bos> starts every window, and validation windows start at documents' <bos>.
         self.bos_id = bos = self.data.bos_id
         self.val_offsets = validation_offsets(self.data.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size,
                                               self.data.eot_id if bos is None else bos)
         self.step = self.tokens = 0
+        self.train_seconds = 0.0  # time in training steps, over every session of the run (resumes continue it)
         self.best_val: float | None = None
         self.last_saved: tuple[int, Path] | None = None
         if resume_from is not None:
@@ -172,6 +189,7 @@ class Loop:
         self.restore_optimizer(state)
         build.set_rng_state(state["rng"])
         self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val"]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.last_saved = (self.step, folder)
 
     def save(self, name: str = "last", val_loss: float | None = None) -> Path | None:
@@ -182,7 +200,7 @@ class Loop:
             trainer = {"version": ckpt.VERSION, "step": self.step, "tokens": self.tokens, "optimizer": optim,
                        "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(self.step),
                        "scaler": None, "rng": build.rng_state(), "best_val": self.best_val,
-                       "world_size": self.world.size, **self.trainer_extras}
+                       "world_size": self.world.size, "train_seconds": self.train_seconds, **self.trainer_extras}
             meta = ckpt.model_meta(self.mcfg.to_dict(), self.cfg, self.data.describe(), self.step, self.tokens,
                                    val_loss, name) | self.model_extras
             folder = ckpt.save_checkpoint(self.run_dir, name, weights, trainer, meta)
@@ -269,6 +287,7 @@ class Loop:
             self.tokens += self.tokens_per_step
             result.losses.append(r.loss)
             result.seconds += dt
+            self.train_seconds += dt
             window_time += dt
             window_tokens += self.tokens_per_step
             tps = window_tokens / max(window_time, 1e-9)
@@ -276,7 +295,7 @@ class Loop:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 mfu = tps * self.flops_per_token / self.peak if self.peak else None
                 monitor.record("train", self.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=self.tokens,
-                               tokens_per_s=tps, mfu=mfu, skipped=r.skipped, time=round(result.seconds, 3))
+                               tokens_per_s=tps, mfu=mfu, skipped=r.skipped, time=round(self.train_seconds, 3))
                 monitor.log(f"step {self.step}/{cfg.max_steps}: loss {r.loss:.4f}, lr {lr:.2e}, grad norm "
                             f"{r.grad_norm:.3g}, {tps:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else ""))
                 window_time, window_tokens = 0.0, 0
@@ -309,15 +328,19 @@ class Loop:
 def drive(run: Loop) -> TrainResult:
     """The run folder, the monitor and the banner, then the loop until it stops: the same for both backends."""
     cfg, world, run_dir = run.cfg, run.world, run.run_dir
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save_settings(run_dir, cfg)
-        if not (run_dir / "tokenizer.json").is_file():
-            tokenizer_files.write(run_dir, run.data.tokenizer)
-        if cfg.resume:
-            ckpt.trim_metrics(run_dir, run.step)
-    barrier(world)
-    monitor = Monitor(run_dir, world.main, cfg.max_steps, run.step, cfg.progress, cfg.tensorboard)
+    try:
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            clean_orphans(run_dir)
+            ckpt.save_settings(run_dir, cfg)
+            if not cfg.resume or not (run_dir / "tokenizer.json").is_file():
+                tokenizer_files.write(run_dir, run.data.tokenizer)
+            ckpt.trim_metrics(run_dir, run.step)  # a restart from step 0 drops the records of the first attempt
+        barrier(world)
+        monitor = Monitor(run_dir, world.main, cfg.max_steps, run.step, cfg.progress, cfg.tensorboard)
+    except BaseException:
+        run.release()
+        raise
     try:
         logs = "metrics.jsonl" + (" + tensorboard/" if monitor.tb else "")
         if monitor.tb_missing:
@@ -328,6 +351,7 @@ def drive(run: Loop) -> TrainResult:
             return run.run(monitor, stop)
     finally:
         monitor.close()
+        run.release()
 
 
 class Run(Loop):
