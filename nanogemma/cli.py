@@ -276,6 +276,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="share of documents held out for validation when the source has no validation split")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and of synthetic stories")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "chat"],
+                   help="chat: .jsonl conversations ({\"messages\": [...]} or {\"prompt\", \"completion\"}) "
+                        "rendered with Gemma 3's chat template, with a loss mask on the replies; auto (default) "
+                        "detects them from the first record")
+    p.add_argument("--context", type=int, default=2048,
+                   help="chat data: the longest conversation kept, in tokens; longer ones are reported and "
+                        "skipped (default 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other arguments")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prepare)
@@ -288,7 +295,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
                 text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
                 hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty())
+                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+                format=args.format, context=args.context)
     if r.skipped:
         print(f"{r.folder} is already prepared with these arguments: nothing to do")
         return 0
@@ -296,6 +304,10 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(f"{r.folder}: train {s['train']['tokens']:,} tokens ({s['train']['documents']:,} documents), "
           f"val {s['val']['tokens']:,} tokens ({s['val']['documents']:,} documents); {m['tokenizer']['spec']}, "
           f"{m['tokenizer']['vocab_size']:,} ids as {m['dtype']}; {r.tokens_per_second:,.0f} tokens/s")
+    if "chat" in m:
+        c = m["chat"]
+        print(f"chat: {c['conversations']:,} conversations ({c['bad_records']:,} bad records skipped), the longest "
+              f"{c['longest']:,} tokens; loss on {s['train']['loss_tokens']:,} training tokens (the replies)")
     if "synthetic" in m:
         print(f"entropy floor of this grammar: {m['synthetic']['entropy_nats_per_token']:.4f} nats/token")
     return 0
