@@ -381,6 +381,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default 512)")
     g.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     g.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    t = p.add_argument_group("held-out exact match on a task (greedy generation through the chat template)")
+    t.add_argument("--task", default=None, metavar="FILE",
+                   help="JSON lines of conversations (e.g. from `nanogemma task extract`): the model answers "
+                        "each one's last user turn; reports the share of replies equal to the reference")
+    t.add_argument("--task-limit", type=int, default=None, help="score only the first N records")
+    t.add_argument("--task-batch", type=int, default=8, help="records generated together (default 8)")
     j = p.add_argument_group("story quality, judged by a language model")
     j.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (POSTs to /chat/completions)")
@@ -409,6 +415,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .tools import judge
     from .tools.evaluate import dataset_tokens, evaluate_lm, load_model, text_encoder, text_tokens, write_json
 
+    if args.task:
+        return _run_task_eval(args)
     if not (args.data or args.text or args.judge_url):
         raise NanogemmaError("nothing to evaluate: give --data FOLDER or --text FILE... for loss and perplexity, "
                              "or --judge-url URL --judge-model NAME for judged story quality")
@@ -454,6 +462,47 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"results written to {out}")
     if client is not None and summary["scored"] == 0:
         raise NanogemmaError(f"no judge reply could be read as scores; the replies are in {out}")
+    return 0
+
+
+def _run_task_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .tokenizer import load_tokenizer
+    from .tools.evaluate import load_model, write_json
+    from .tools.task_eval import evaluate_task
+
+    model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    r = evaluate_task(model.eval(), load_tokenizer(path), args.task, batch_size=args.task_batch,
+                      limit=args.task_limit, progress=not args.no_progress)
+    print(r.table())
+    for e in r.examples[:2]:
+        print(f"  reference: {e['reference']}\n  output:    {e['output']}")
+    if args.out:
+        write_json(args.out, {"model": str(path), "task": r.to_dict()})
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _add_task(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("task", help="write a fine-tuning task with checkable answers (train/test JSON lines)",
+                       description="Generate a task offline: OUT/train.jsonl and OUT/test.jsonl of conversations "
+                                   "in `messages` form. Fine-tune with `nanogemma prepare --source OUT/train.jsonl "
+                                   "--tokenizer gemma` and `nanogemma train --preset sft`, score with "
+                                   "`nanogemma eval --task OUT/test.jsonl`.")
+    p.add_argument("name", choices=["extract"], help="extract: orders in free sentences -> one line of JSON")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=4000, help="training records (default 4000)")
+    p.add_argument("--test", type=int, default=200, help="held-out test records (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of both files (default 0)")
+    p.set_defaults(run=_run_task)
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    from .data.tasks import write_task
+
+    train, test = write_task(args.name, args.out, args.train, args.test, args.seed)
+    print(f"wrote {train} ({args.train:,} records) and {test} ({args.test:,} records)")
     return 0
 
 
@@ -561,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_eval(sub)
     _add_prepare(sub)
+    _add_task(sub)
     _add_train(sub)
     _add_plot(sub)
     _add_export(sub)
