@@ -91,11 +91,11 @@ def open_dataset(folder: str | Path, seq_len: int) -> Dataset:
     folder = Path(folder)
     meta = read_meta(folder)
     train, val = read_tokens(folder, "train"), read_tokens(folder, "val")
-    for split, tokens in (("train", train), ("val", val)):
+    masks = read_mask(folder, "train"), read_mask(folder, "val")
+    for split, tokens in (("train", train), ("val", val)) if masks[0] is None else ():  # packed rows are padded
         if len(tokens) < seq_len + 1:
             raise NanogemmaError(f"{folder}: the {split} split has {len(tokens):,} tokens, fewer than one window "
                                  f"of seq_len + 1 = {seq_len + 1}; lower --seq-len or prepare more data")
-    masks = read_mask(folder, "train"), read_mask(folder, "val")
     if masks[0] is not None:
         longest = int(meta.get("chat", {}).get("longest", 0))
         if longest > seq_len:

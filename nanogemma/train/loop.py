@@ -117,9 +117,10 @@ class Loop:
         self.sampler = WindowSampler(len(self.data.train), cfg.seq_len, cfg.seed)
         # Gemma-tokenized data: <bos> starts every window, and validation windows start at documents' <bos>.
         self.bos_id = bos = self.data.bos_id
-        self.val_offsets = validation_offsets(self.data.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size,
-                                              self.data.eot_id if bos is None else bos)
-        if self.data.packed:  # chat data: whole conversations packed into rows (train/data.py); offsets are rows
+        if not self.data.packed:
+            self.val_offsets = validation_offsets(self.data.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size,
+                                                  self.data.eot_id if bos is None else bos)
+        else:  # chat data: whole conversations packed into rows (train/data.py); offsets are rows
             d = self.data
             train_mask = d.train_mask if cfg.loss_mask else np.ones_like(d.train_mask)
             self.packing = Packing(d.train, train_mask, bos, cfg.seq_len, cfg.seed)
