@@ -60,9 +60,13 @@ def read_task(path: str | Path) -> list[tuple[list[tuple[str, str]], str]]:
 def prompt_ids(renderer: Renderer, messages: list[tuple[str, str]]) -> list[int]:
     """The template's tokens for `messages` (ending with a user turn) plus the model header."""
     probe = renderer.render_many([[*messages, ("assistant", "x")]])[0]
-    # Everything before the probe reply's first trained token is the prompt (header included).
-    first = int(probe.mask.argmax())
-    return probe.ids[:first].tolist()
+    # Everything before the probe reply's tokens (the last run of trained tokens) is the prompt, header included.
+    start = len(probe.mask) - 1
+    while not probe.mask[start]:
+        start -= 1
+    while start > 0 and probe.mask[start - 1]:
+        start -= 1
+    return probe.ids[:start].tolist()
 
 
 def _json(text: str):
