@@ -354,6 +354,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="share of documents held out for validation when the source has no validation split")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the held-out choice and of synthetic stories")
     p.add_argument("--workers", type=POSITIVE, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "chat"],
+                   help="chat: .jsonl conversations ({\"messages\": [...]} or {\"prompt\", \"completion\"}) "
+                        "rendered with Gemma 3's chat template, with a loss mask on the replies; auto (default) "
+                        "detects them from the first record")
+    p.add_argument("--context", type=POSITIVE, default=2048,
+                   help="chat data: the longest conversation kept, in tokens; longer ones are reported and "
+                        "skipped (default 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other arguments")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prepare)
@@ -366,7 +373,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     r = prepare(args.source, args.out, args.tokenizer, tokenizer_file=args.tokenizer_file,
                 text_column=args.text_column, delimiter=delimiter, split=args.split, val_split=args.val_split,
                 hf_config=args.hf_config, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(), glob=args.glob)
+                overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(), glob=args.glob,
+                format=args.format, context=args.context)
     if r.skipped:
         print(f"{r.folder} is already prepared with these arguments: nothing to do")
         return 0
@@ -387,6 +395,10 @@ def _run_prepare(args: argparse.Namespace) -> int:
                  else "") + (f"; text: {', '.join(f'{r} ({n:,} files)' for r, n in rules.items())} "
                              "(--delimiter to choose)" if rules else ""))
     print(f"validation: {m['validation']}")
+    if "chat" in m:
+        c = m["chat"]
+        print(f"chat: {c['conversations']:,} conversations ({c['bad_records']:,} bad records skipped), the longest "
+              f"{c['longest']:,} tokens; loss on {s['train']['loss_tokens']:,} training tokens (the replies)")
     if "synthetic" in m:
         print(f"entropy floor of this grammar: {m['synthetic']['entropy_nats_per_token']:.4f} nats/token")
     return 0
@@ -461,6 +473,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seq-len", type=POSITIVE, default=None, help="tokens of context per window (default 512)")
     g.add_argument("--batch-size", type=POSITIVE, default=1, help="windows per forward pass (default 1)")
     g.add_argument("--max-tokens", type=POSITIVE, default=None, help="evaluate at most this many tokens")
+    t = p.add_argument_group("held-out exact match on a task (greedy generation through the chat template)")
+    t.add_argument("--task", default=None, metavar="FILE",
+                   help="JSON lines of conversations (e.g. from `nanogemma task extract`): the model answers "
+                        "each one's last user turn; reports the share of replies equal to the reference")
+    t.add_argument("--task-limit", type=POSITIVE, default=None, help="score only the first N records")
+    t.add_argument("--task-batch", type=POSITIVE, default=8, help="records generated together (default 8)")
     j = p.add_argument_group("story quality, judged by a language model")
     j.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (POSTs to /chat/completions)")
@@ -497,6 +515,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .tools import judge
     from .tools.evaluate import dataset_tokens, evaluate_lm, load_model, text_encoder, text_tokens, write_json
 
+    if args.task:
+        return _run_task_eval(args)
     if not (args.data or args.text or args.judge_url):
         raise NanogemmaError("nothing to evaluate: give --data FOLDER or --text FILE... for loss and perplexity, "
                              "or --judge-url URL --judge-model NAME for judged story quality")
@@ -590,6 +610,47 @@ def _judge(args: argparse.Namespace, model, path: Path, client, prompts, results
     if summary["scored"] == 0:
         raise NanogemmaError(f"no judge reply could be read as scores (first error: {judge.first_error(stories)}); "
                              f"the replies are in {out}")
+    return 0
+
+
+def _run_task_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .tokenizer import load_tokenizer
+    from .tools.evaluate import load_model, write_json
+    from .tools.task_eval import evaluate_task
+
+    model, path = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    r = evaluate_task(model.eval(), load_tokenizer(path), args.task, batch_size=args.task_batch,
+                      limit=args.task_limit, progress=not args.no_progress)
+    print(r.table())
+    for e in r.examples[:2]:
+        print(f"  reference: {e['reference']}\n  output:    {e['output']}")
+    if args.out:
+        write_json(args.out, {"model": str(path), "task": r.to_dict()})
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _add_task(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("task", help="write a fine-tuning task with checkable answers (train/test JSON lines)",
+                       description="Generate a task offline: OUT/train.jsonl and OUT/test.jsonl of conversations "
+                                   "in `messages` form. Fine-tune with `nanogemma prepare --source OUT/train.jsonl "
+                                   "--tokenizer gemma` and `nanogemma train --preset sft`, score with "
+                                   "`nanogemma eval --task OUT/test.jsonl`.")
+    p.add_argument("name", choices=["extract"], help="extract: orders in free sentences -> one line of JSON")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=4000, help="training records (default 4000)")
+    p.add_argument("--test", type=int, default=200, help="held-out test records (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of both files (default 0)")
+    p.set_defaults(run=_run_task)
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    from .data.tasks import write_task
+
+    train, test = write_task(args.name, args.out, args.train, args.test, args.seed)
+    print(f"wrote {train} ({args.train:,} records) and {test} ({args.test:,} records)")
     return 0
 
 
@@ -709,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_eval(sub)
     _add_prepare(sub)
+    _add_task(sub)
     _add_train(sub)
     _add_plot(sub)
     _add_export(sub)

@@ -28,7 +28,11 @@ one, initialised to zero, so a fresh norm is the identity scale.
 
 The forward pass optionally takes a KV cache (see `cache.py`): the cache stores each layer's keys and
 values and hands back what attention should see, with the matching mask. Without a cache the model
-recomputes the whole sequence, which is the reference behaviour every cached path is tested against.
+recomputes the whole sequence, which is the reference behaviour every cached path is tested against;
+`attention.py` then applies the same rule without building a T×T mask (sliding layers attend through
+blocks of W-wide key ranges, global layers through the causal kernel). Positions also say where packed
+documents begin: a position that is not its predecessor's plus one starts a new document, which
+attention does not cross.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import Layout, attend
 from .config import GLOBAL, SLIDING, GemmaConfig
 
 
@@ -110,8 +115,9 @@ class Attention(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # quantize.py: one fused product instead
         return self.wq(x), self.wk(x), self.wv(x)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Layout | None,
                 pos: Tensor, cache: KVCacheLayer | None = None) -> Tensor:
+        """`mask`: a boolean mask (True = may attend), or the sequence's `Layout` when there is no cache."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
@@ -123,9 +129,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v, mask = cache.update(pos, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        y = attend(q, k, v, mask, self.scale, self.window)  # grouped-query: kv heads are shared, not copied
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -168,7 +172,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_ffw_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Layout | None,
                 pos: Tensor, cache: KVCacheLayer | None = None) -> Tensor:
         h = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, pos, cache))
         return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
@@ -231,8 +235,10 @@ class Gemma(nn.Module):
                 last_only: bool = False) -> Tensor:
         """ids (B, T) -> float logits (B, T, vocab) (or (B, 1, vocab) with `last_only`).
 
-        `pos` (B, T) gives absolute positions (default 0..T-1). `cache`, a `cache.KVCache`, makes the
-        call incremental: its per-layer objects store keys/values and supply the masks.
+        `pos` (B, T) gives absolute positions (default 0..T-1); without a cache, a position that does not
+        follow its predecessor's starts a new document (packed training rows restart at 0 for each).
+        `cache`, a `cache.KVCache`, makes the call incremental: its per-layer objects store keys/values
+        and supply the masks.
         """
         x = self.hidden(ids, pos, cache)
         if last_only:
@@ -242,6 +248,8 @@ class Gemma(nn.Module):
     def hidden(self, ids: Tensor, pos: Tensor | None = None, cache: object | None = None) -> Tensor:
         """The residual stream after the last block (B, T, hidden): everything but the final norm and head."""
         B, T = ids.shape
+        # Without a cache, one layout of the sequence (its documents, its query blocks) serves every layer.
+        layout = Layout.of(pos, T) if cache is None else None
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
         x = self.embed_tokens(ids)
@@ -249,10 +257,8 @@ class Gemma(nn.Module):
             SLIDING: rope_cos_sin(pos, self.inv_freq_local, x.dtype),
             GLOBAL: rope_cos_sin(pos, self.inv_freq_global, x.dtype),
         }
-        masks = {} if cache is not None else {  # a cache supplies its own masks
-            t: causal_mask(pos, pos, None if t == GLOBAL else self.config.sliding_window) for t in set(self.config.layer_types)}
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.layer_type]
-            layer_cache = None if cache is None else cache.layers[i]
-            x = layer(x, cos, sin, masks.get(layer.layer_type), pos, layer_cache)
+            layer_cache = None if cache is None else cache.layers[i]  # a cache supplies its own masks
+            x = layer(x, cos, sin, layout, pos, layer_cache)
         return x

@@ -7,7 +7,8 @@
 
 Modules: `sources` (where documents come from), `chunks` (units of work read in the workers), `encoders`
 (the gpt2 / gemma / bpe:N tokenizers), `prepare` (the pipeline), `store` (the folder on disk, meta.json,
-interruption safety), `synthetic` (a story grammar with exactly computable entropy).
+interruption safety), `synthetic` (a story grammar with exactly computable entropy), `conversations`
+(chat data: Gemma 3's template and the loss mask), `tasks` (fine-tuning tasks with checkable answers).
 """
 
 from .encoders import DataTokenizer, load_data_tokenizer

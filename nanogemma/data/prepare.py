@@ -15,6 +15,11 @@ text and the seed, so it is the same whatever the order or chunking, and copies 
 in the same split.
 
 Safety against interruption and re-runs is the job of `store.py`.
+
+**Chat data.** JSON lines of conversations (`messages`, or `prompt` / `completion`: see `conversations.py`)
+are rendered with Gemma 3's chat template instead, in the main process (instruction sets are small next to
+pretraining corpora), and each split gets a loss mask beside its tokens (`train.mask.bin`, one uint8 per
+token: 1 where the model's replies are). Bad records are skipped whole and listed by line in meta.json.
 """
 
 from __future__ import annotations
@@ -36,8 +41,13 @@ import numpy as np
 from ..errors import NanogemmaError
 from ..files import OutputLock
 from . import store
+from .chunks import split_file
 from .encoders import BPE_FILE, DataTokenizer, load_gemma, load_gpt2, load_saved, parse_spec, train_bpe
 from .sources import DEFAULT_SOURCE, LocalSource, Source, SyntheticSource, open_source
+
+FORMATS = ("auto", "text", "chat")
+DEFAULT_CONTEXT = 2048  # chat data: the longest conversation kept, in tokens
+MAX_LISTED = 100  # bad records listed in meta.json (all are counted)
 
 FORMAT_VERSION = 1
 TRAIN, VAL, HOLDOUT = "train", "val", "holdout"  # where a chunk's documents go
@@ -155,19 +165,35 @@ def prepare(source: str | list[str] | None = None, out: str | Path | None = None
             tokenizer_file: str | Path | None = None, text_column: str = "text", delimiter: str | None = None,
             split: str = "train", val_split: str | None = None, hf_config: str | None = None,
             val_fraction: float = 0.01, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-            progress: bool = False, warn: Callable[[str], None] = _warn, glob: str | None = None) -> PrepareResult:
-    """Tokenize `source` into `out` (see the module docstring and `nanogemma prepare --help`)."""
+            progress: bool = False, warn: Callable[[str], None] = _warn, glob: str | None = None,
+            format: str = "auto", context: int = DEFAULT_CONTEXT) -> PrepareResult:
+    """Tokenize `source` into `out` (see the module docstring and `nanogemma prepare --help`).
+
+    `format`: "text", "chat" (JSON lines of conversations), or "auto" (chat when the first record of a
+    .jsonl source has `messages` or `prompt` and `completion`, and no `text_column`).
+    """
     kind, vocab = parse_spec(tokenizer)
     if not 0 < val_fraction < 1:
         raise NanogemmaError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    if format not in FORMATS:
+        raise NanogemmaError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if context < 2:
+        raise NanogemmaError(f"--context must be at least 2 tokens, got {context}")
     folder = Path(out) if out is not None else default_out(source, tokenizer)
     workers = max(1, workers or default_workers())
     src = open_source(source, text_column=text_column, delimiter=delimiter, split=split, val_split=val_split,
                       hf_config=hf_config, seed=seed, val_fraction=val_fraction, glob=glob)
     try:
+        chat = format == "chat" or (format == "auto" and _is_chat(src, text_column))
+        if chat and (kind != "gemma" or not isinstance(src, LocalSource)
+                     or any(f.kind != "jsonl" for f in src.files)):
+            raise NanogemmaError("chat data is .jsonl files rendered with Gemma's chat template: give "
+                                 "--source FILE.jsonl and --tokenizer gemma")
         recipe = {"format": FORMAT_VERSION, "source": src.recipe(), "tokenizer": tokenizer}
         if src.may_hold_out:
             recipe |= {"val_fraction": val_fraction, "seed": seed}
+        if chat:
+            recipe |= {"data": "chat", "context": context}
         with OutputLock(folder, "prepare"):  # two runs into one folder would mix their files
             staging = store.begin(folder, recipe, overwrite)
             if staging is None:
@@ -175,6 +201,8 @@ def prepare(source: str | list[str] | None = None, out: str | Path | None = None
             src.open()
             for note in src.warnings():
                 warn(note)
+            if chat:
+                return _run_chat(src, folder, staging, recipe, val_fraction, seed, context, progress, warn)
             return _run(src, folder, staging, recipe, kind, vocab, tokenizer, tokenizer_file, val_fraction, seed,
                         workers, progress, warn)
     finally:
@@ -336,3 +364,111 @@ def _meta(src: Source, tok: DataTokenizer, names: list[str], writers: dict, stat
 
         meta["synthetic"] = entropy_report(lambda t: len(tok.encode(t)), tok.framing_tokens)
     return meta
+
+
+# ---- chat data --------------------------------------------------------------------------------------
+
+def _is_chat(src: Source, text_column: str) -> bool:
+    """Auto-detection: the first non-blank line of the first .jsonl file is a conversation."""
+    from .conversations import looks_like_chat
+
+    if not isinstance(src, LocalSource) or not src.files or src.files[0].kind != "jsonl":
+        return False
+    for data, _ in split_file(src.files[0].path, b"\n"):
+        for line in data.split(b"\n"):
+            if line.strip():
+                return looks_like_chat(line, text_column)
+    return False
+
+
+def _run_chat(src: LocalSource, folder: Path, staging: Path, recipe: dict, val_fraction: float, seed: int,
+              context: int, progress: bool, warn: Callable[[str], None]) -> PrepareResult:
+    from tqdm import tqdm
+
+    from .conversations import Renderer, read_records
+
+    tok = load_gemma()
+    renderer = Renderer(tok)
+    names = tok.save(staging)
+    key = hashlib.sha256(f"nanogemma-holdout/{seed}".encode()).digest()[:32]
+    threshold = int(val_fraction * 2**64)
+    writers = {s: store.TokenWriter(staging / f) for s, f in store.SPLIT_FILES.items()}
+    masks = {s: store.TokenWriter(staging / f) for s, f in store.MASK_FILES.items()}
+    bad: list[dict] = []
+    stats = {"records": 0, "bad": 0, "longest": 0, "loss_tokens": {"train": 0, "val": 0}}
+    start = time.perf_counter()
+
+    def flush(batch: list) -> None:
+        for (origin, line, split, _), r in zip(batch, renderer.render_many([b[3] for b in batch]), strict=True):
+            if len(r.ids) > context:
+                stats["bad"] += 1
+                if len(bad) < MAX_LISTED:
+                    bad.append({"file": origin, "line": line,
+                                "reason": f"{len(r.ids):,} tokens, longer than the context of {context:,} "
+                                          "(raise --context)"})
+                continue
+            writers[split].write(r.ids.astype(tok.dtype), 1)
+            masks[split].write(r.mask, 0)
+            stats["loss_tokens"][split] += int(r.mask.sum())
+            stats["longest"] = max(stats["longest"], len(r.ids))
+        batch.clear()
+
+    try:
+        with tqdm(desc="rendering conversations", unit="rec", disable=not progress, file=sys.stderr) as bar:
+            for f in src.files:
+                batch: list = []
+                for data, lines in split_file(f.path, b"\n"):
+                    for rec in read_records(data, lines + 1):
+                        stats["records"] += 1
+                        bar.update(1)
+                        if rec.error is not None:
+                            stats["bad"] += 1
+                            if len(bad) < MAX_LISTED:
+                                bad.append({"file": str(f.path), "line": rec.line, "reason": rec.error})
+                            continue
+                        split = f.split if src.has_val else (
+                            "val" if held_out(rec.raw.decode("utf-8", "replace"), key, threshold) else "train")
+                        batch.append((str(f.path), rec.line, split, rec.messages))
+                        if len(batch) >= 1024:
+                            flush(batch)
+                flush(batch)
+    finally:
+        for w in [*writers.values(), *masks.values()]:
+            w.close()
+    seconds = time.perf_counter() - start
+    if stats["bad"]:
+        where = "; ".join(f"{Path(b['file']).name} line {b['line']}: {b['reason']}" for b in bad[:5])
+        more = f" (and {stats['bad'] - 5:,} more)" if stats["bad"] > 5 else ""
+        warn(f"skipped {stats['bad']:,} bad record(s) of {stats['records']:,}: {where}{more}; all are listed "
+             f"in {folder / store.META}")
+    if writers["train"].documents == 0:
+        raise NanogemmaError("no valid conversation for training: see the bad records above")
+    if writers["val"].documents == 0:
+        if not src.has_val:
+            raise NanogemmaError(f"no conversation fell into the held-out validation split ({val_fraction:g} of "
+                                 f"{writers['train'].documents:,}); raise --val-fraction or give more data")
+        raise NanogemmaError("the validation file(s) hold no valid conversation")
+    from .. import __version__
+
+    splits = {s: {"file": w.path.name, "tokens": w.tokens, "documents": w.documents,
+                  "mask": masks[s].path.name, "loss_tokens": stats["loss_tokens"][s]} for s, w in writers.items()}
+    meta = {
+        "format": "nanogemma-tokens", "version": FORMAT_VERSION,
+        "tokenizer": {**tok.describe(), "files": names, "document": "<bos> conversation (Gemma 3 chat template)"},
+        "dtype": tok.dtype.name,
+        "source": src.describe(),
+        "splits": splits,
+        "validation": ("the source's validation file(s)" if src.has_val else
+                       f"held out: the records whose keyed BLAKE2b hash is in the lowest {val_fraction:g} of its range"),
+        "chat": {"template": "gemma3", "records": stats["records"], "conversations":
+                 writers["train"].documents + writers["val"].documents, "bad_records": stats["bad"],
+                 "bad_listed": bad, "longest": stats["longest"], "context": context,
+                 "mask": "uint8 per token, 1 = a target of the loss (the model's replies and their <end_of_turn>)"},
+        "checksums": {w.path.name: w.sha.hexdigest() for w in [*writers.values(), *masks.values()]}
+                     | {n: store.sha256_file(staging / n) for n in names},
+        "recipe": recipe,
+        "nanogemma_version": __version__,
+    }
+    store.finish(folder, staging, meta, [*names, *store.SPLIT_FILES.values(), *store.MASK_FILES.values()])
+    total = sum(w.tokens for w in writers.values())
+    return PrepareResult(folder, meta, skipped=False, seconds=seconds, tokens_per_second=total / max(seconds, 1e-9))

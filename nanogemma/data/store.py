@@ -29,7 +29,9 @@ TOKEN_DTYPES = ("uint16", "uint32")
 META = "meta.json"
 STAGING = ".partial"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
-_OURS = ("train.bin", "val.bin", "gpt2.tiktoken", "tokenizer.json", "gemma-tokenizer")
+MASK_FILES = {"train": "train.mask.bin", "val": "val.mask.bin"}  # chat data: 1 byte per token, 1 = trained
+_OURS = ("train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "gpt2.tiktoken", "tokenizer.json",
+         "gemma-tokenizer")
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -86,6 +88,19 @@ def check_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
                                  "prepare the folder again with --overwrite")
 
 
+def read_mask(folder: str | Path, split: str = "train") -> np.memmap | None:
+    """The loss mask of a split (uint8, one per token, 1 = a target the loss trains on), or None for text data."""
+    meta = read_meta(folder)
+    info = meta["splits"].get(split, {})
+    if "mask" not in info:
+        return None
+    path = Path(folder) / info["mask"]
+    if not path.is_file() or path.stat().st_size != info["tokens"]:
+        raise NanogemmaError(f"{path} is missing or does not match the token file; prepare the folder again "
+                             "with --overwrite")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -109,6 +124,8 @@ def _sizes_ok(folder: Path, meta: dict) -> bool:
         itemsize = np.dtype(meta["dtype"]).itemsize
         for info in meta["splits"].values():
             if (folder / info["file"]).stat().st_size != info["tokens"] * itemsize:
+                return False
+            if "mask" in info and (folder / info["mask"]).stat().st_size != info["tokens"]:
                 return False
         return all((folder / name).exists() for name in meta["checksums"])
     except (OSError, KeyError, TypeError):

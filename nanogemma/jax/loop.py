@@ -115,6 +115,9 @@ class JaxRun(Loop):
 
     def build(self, state: dict | None) -> None:
         cfg, mcfg = self.cfg, self.mcfg
+        if self.data.packed:
+            raise NanogemmaError(f"{self.data.folder} is chat data (packed conversations, loss masks): train it "
+                                 "with the PyTorch backend (drop --backend jax)")
         if state is None:  # PyTorch's initialiser, so both backends start from the same weights
             from ..model import Gemma
 

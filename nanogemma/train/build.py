@@ -112,6 +112,8 @@ def make_model(mcfg: GemmaConfig, state: dict[str, torch.Tensor] | None, cfg: Tr
     else:  # build_model checks every tensor's name and shape, with messages that name the culprit
         model = TrainingGemma.from_model(build_model(mcfg, state, dtype=torch.float32, device=device,
                                                      source="initial weights"))
+    if not cfg.train_embeddings:
+        model.embed.weight.requires_grad_(False)  # the tied head with it
     return model.train()
 
 

@@ -15,6 +15,17 @@ differ only because the model changed. They begin at document boundaries — at 
 before a document (or its <bos>, in Gemma-tokenized data), so the model sees each document from its start,
 the way the synthetic corpus's entropy floor is defined — spread evenly over `val.bin`; without enough
 boundaries they are simply spread evenly.
+
+**Chat data** (a folder with loss masks, `nanogemma prepare` on conversations) is not cut at random
+offsets: a conversation cut from its start would lose the question its reply answers. Whole
+conversations are *packed* into rows of `seq_len` instead: each epoch is a permutation of the
+conversations (seeded by (seed, epoch)), laid into rows in that order, a new row whenever the next one
+does not fit. Each conversation's positions restart at 0, which the model reads as a document boundary
+that attention does not cross (`attention.py`), so a packed token sees exactly what it would see alone.
+Targets that the mask does not train, each conversation's last token and the padding that fills a row
+are `IGNORE` (-100), which the losses skip. Step s takes rows [s·R, (s+1)·R) of the stream of epochs, so
+the rows of any step are again a pure function of (seed, step). Validation uses the conversations in
+file order, packed the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import torch
 
 from ..data import load_data_tokenizer, read_meta, read_tokens, verify
 from ..data.encoders import DataTokenizer
-from ..data.store import check_ids
+from ..data.store import check_ids, read_mask
 from ..errors import NanogemmaError
 
 
@@ -38,6 +49,13 @@ class Dataset:
     train: np.ndarray
     val: np.ndarray
     tokenizer: DataTokenizer
+    train_mask: np.ndarray | None = None  # chat data: 1 = a trained target (see `Packing`)
+    val_mask: np.ndarray | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Chat data: whole conversations packed into rows, loss on the masked targets only."""
+        return self.train_mask is not None
 
     @property
     def vocab_size(self) -> int:
@@ -83,11 +101,17 @@ def open_dataset(folder: str | Path, seq_len: int, checksums: bool = False) -> D
                              "folder again with --overwrite")
     for split, tokens in (("train", train), ("val", val)):
         check_ids(tokens, tok["vocab_size"], str(folder / f"{split}.bin"))
-    for split, tokens in (("train", train), ("val", val)):
+    masks = read_mask(folder, "train"), read_mask(folder, "val")
+    for split, tokens in (("train", train), ("val", val)) if masks[0] is None else ():  # packed rows are padded
         if len(tokens) < seq_len + 1:
             raise NanogemmaError(f"{folder}: the {split} split has {len(tokens):,} tokens, fewer than one window "
                                  f"of seq_len + 1 = {seq_len + 1}; lower --seq-len or prepare more data")
-    return Dataset(folder, meta, train, val, load_data_tokenizer(folder=folder))
+    if masks[0] is not None:
+        longest = int(meta.get("chat", {}).get("longest", 0))
+        if longest > seq_len:
+            raise NanogemmaError(f"{folder}: the longest conversation has {longest:,} tokens, more than seq_len "
+                                 f"{seq_len}: raise --seq-len, or prepare the data with --context {seq_len}")
+    return Dataset(folder, meta, train, val, load_data_tokenizer(folder=folder), *masks)
 
 
 class WindowSampler:
@@ -142,3 +166,83 @@ def validation_offsets(tokens: np.ndarray, seq_len: int, count: int, start_id: i
         if len(starts) >= count:
             return starts[np.linspace(0, len(starts) - 1, count).round().astype(np.int64)]
     return np.linspace(0, high - 1, count).round().astype(np.int64)
+
+
+IGNORE = -100  # a target the loss skips (torch's cross_entropy default ignore_index)
+
+
+class Packing:
+    """Whole documents (each starting with <bos>) packed into rows of `seq_len`; see the module docstring."""
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, bos_id: int, seq_len: int, seed: int,
+                 shuffle: bool = True) -> None:
+        starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+        if len(starts) == 0 or starts[0] != 0:
+            raise NanogemmaError("chat data must start every conversation with <bos>; prepare it again")
+        self.tokens, self.mask, self.seq_len, self.seed, self.shuffle = tokens, mask, seq_len, seed, shuffle
+        self.starts = starts
+        self.lengths = np.diff(np.append(starts, len(tokens)))
+        self.n_tokens = len(tokens)
+        self._epochs: list[list[list[int]]] = []  # rows (lists of document indices) of each epoch
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        while len(self._epochs) <= epoch:
+            e = len(self._epochs)
+            order = (np.random.default_rng([self.seed, e]).permutation(len(self.starts)) if self.shuffle
+                     else np.arange(len(self.starts)))
+            rows, row, used = [], [], 0
+            for d in order.tolist():
+                n = int(self.lengths[d])
+                if used + n > self.seq_len:
+                    rows.append(row)
+                    row, used = [], 0
+                row.append(d)
+                used += n
+            rows.append(row)
+            self._epochs.append(rows)
+        return self._epochs[epoch]
+
+    def row(self, index: int) -> list[int]:
+        """Row `index` of the stream of epochs."""
+        epoch = 0
+        while index >= len(self.epoch_rows(epoch)):
+            index -= len(self.epoch_rows(epoch))
+            epoch += 1
+        return self.epoch_rows(epoch)[index]
+
+    def batch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, positions), each (len(rows), seq_len) int64, for the rows with these indices."""
+        T = self.seq_len
+        x = np.zeros((len(rows), T), dtype=np.int64)
+        y = np.full((len(rows), T), IGNORE, dtype=np.int64)
+        pos = np.zeros((len(rows), T), dtype=np.int64)
+        for r, index in enumerate(rows.tolist()):
+            at = 0
+            for d in self.row(int(index)):
+                s, n = int(self.starts[d]), int(self.lengths[d])
+                ids = np.asarray(self.tokens[s:s + n], dtype=np.int64)
+                x[r, at:at + n] = ids
+                keep = np.asarray(self.mask[s + 1:s + n]).astype(bool)
+                y[r, at:at + n - 1] = np.where(keep, ids[1:], IGNORE)
+                pos[r, at:at + n] = np.arange(n)
+                at += n
+            pos[r, at:] = np.arange(T - at)  # the padding: a document of its own, never a target
+        out = [torch.from_numpy(a).to(device) for a in (x, y, pos)]
+        return out[0], out[1], out[2]
+
+
+class PackedSampler:
+    """Row indices of each step for packed data: rows [step·count, (step+1)·count) of the epoch stream."""
+
+    def __init__(self, packing: Packing) -> None:
+        self.packing = packing
+        self.n_tokens, self.seq_len, self.seed = packing.n_tokens, packing.seq_len, packing.seed
+
+    def offsets(self, step: int, count: int) -> np.ndarray:
+        return np.arange(step * count, (step + 1) * count, dtype=np.int64)
+
+    def state_dict(self, step: int) -> dict:
+        return {"kind": "packed-documents", "seed": self.seed, "step": step, "n_tokens": self.n_tokens,
+                "seq_len": self.seq_len}
+
+    check_resumable = WindowSampler.check_resumable

@@ -40,7 +40,7 @@ from ..lora import adapter_state, is_adapter_key
 from . import build, tokenizer_files
 from . import checkpoint as ckpt
 from .config import TrainConfig, decay_end, lora_config
-from .data import Dataset, WindowSampler, open_dataset, validation_offsets, windows
+from .data import Dataset, PackedSampler, Packing, WindowSampler, open_dataset, validation_offsets, windows
 from .distributed import World, any_flag, barrier, setup, teardown, wrap
 from .loss import LanguageModelLoss
 from .monitor import Monitor, peak_flops, train_flops_per_token
@@ -135,8 +135,17 @@ class Loop:
         self.sampler = WindowSampler(len(self.data.train), cfg.seq_len, cfg.seed)
         # Gemma-tokenized data: <bos> starts every window, and validation windows start at documents' <bos>.
         self.bos_id = bos = self.data.bos_id
-        self.val_offsets = validation_offsets(self.data.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size,
-                                              self.data.eot_id if bos is None else bos)
+        if not self.data.packed:
+            self.val_offsets = validation_offsets(self.data.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size,
+                                                  self.data.eot_id if bos is None else bos)
+        else:  # chat data: whole conversations packed into rows (train/data.py); offsets are rows
+            d = self.data
+            train_mask = d.train_mask if cfg.loss_mask else np.ones_like(d.train_mask)
+            self.packing = Packing(d.train, train_mask, bos, cfg.seq_len, cfg.seed)
+            self.val_packing = Packing(d.val, d.val_mask, bos, cfg.seq_len, cfg.seed, shuffle=False)
+            self.sampler = PackedSampler(self.packing)
+            rows = len(self.val_packing.epoch_rows(0))
+            self.val_offsets = np.arange(min(rows, cfg.eval_batches * cfg.batch_size), dtype=np.int64)
         self.step = self.tokens = 0
         self.train_seconds = 0.0  # time in training steps, over every session of the run (resumes continue it)
         self.best_val: float | None = None
@@ -387,6 +396,8 @@ class Run(Loop):
         return peak_flops(self.world.device, self.dtype, self.cfg.peak_tflops)
 
     def windows(self, tokens, offsets, seq_len: int, device: torch.device):
+        if self.data.packed:  # offsets are row indices of the packing (validation's, when tokens is val)
+            return (self.val_packing if tokens is self.data.val else self.packing).batch(offsets, device)
         return windows(tokens, offsets, seq_len, device, bos_id=self.bos_id)
 
     def train_step(self, offsets: np.ndarray, lr: float) -> StepResult:

@@ -16,6 +16,11 @@ away is the memory: one chunk instead of three N × V tensors, and one exponenti
 To get the hidden states, `TrainingGemma` (a `Gemma` whose `logits()` can stop after the final norm,
 switched by `features_only`) is what training builds. Its parameters and checkpoints are exactly Gemma's.
 Under FSDP2 the head's weight exists whole only inside the model's forward, so there the plain path is used.
+
+**Masked targets.** A target of -100 (`data.IGNORE`: a prompt token of chat data, padding) is skipped by
+both paths, and the loss is the mean over the others, as `cross_entropy(ignore_index=-100)` defines it.
+The fused path drops those rows before the head, so the head's cost is paid only for trained tokens — in
+instruction data most tokens are prompt.
 """
 
 from __future__ import annotations
@@ -95,8 +100,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     """mean(cross_entropy(h @ wᵀ, y)) for h (N, d), w (V, d), y (N,), without materialising the N × V logits.
 
+    Targets below 0 are ignored (the mean is over the others), as in `cross_entropy`.
+
     Under autocast the matmuls run in the autocast dtype and the softmax in float32, as autocast would do.
     """
+    keep = y >= 0
+    if not bool(keep.all()):  # ignored targets (-100): no logits at all for their rows
+        h, y = h[keep], y[keep]
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
     # Rows per chunk: a memory budget, but at least 64, the inner dimension of the head-gradient matmul
@@ -106,9 +116,10 @@ def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
         return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
 
 
-def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """The plain path: logits (float32, from the model), then the mean next-token cross-entropy in nats."""
-    logits = model(inputs)
+def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
+    """The plain path: logits (float32, from the model), then the mean next-token cross-entropy in nats
+    over the targets that are not -100. `positions` restart at each packed document (see model.py)."""
+    logits = model(inputs, positions)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -121,12 +132,12 @@ class LanguageModelLoss:
     def __init__(self, raw: TrainingGemma, fused: bool) -> None:
         self.raw, self.fused = raw, fused
 
-    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
         if not self.fused:
-            return lm_loss(model, inputs, targets)
+            return lm_loss(model, inputs, targets, positions)
         self.raw.features_only = True
         try:
-            h = model(inputs)
+            h = model(inputs, positions)
         finally:
             self.raw.features_only = False
         return fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), self.raw.head_weight(), targets.reshape(-1))

@@ -75,9 +75,9 @@ def train_step(model: nn.Module, params: list[torch.Tensor], optimizer: torch.op
         group["lr"] = lr
     n = len(batches)
     total = torch.zeros((), device=world.device)
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):  # (inputs, targets) or, packed, (inputs, targets, positions)
         with no_sync(model, last=i == n - 1), autocast(world.device, dtype):
-            loss = loss_fn(model, x, y)
+            loss = loss_fn(model, *batch)
         scaled = loss / n
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
@@ -113,7 +113,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, val: np.ndarray, offsets: np.ndarray, seq_len: int, batch_size: int,
              world: World, dtype: torch.dtype, windows_fn) -> EvalResult:
-    """Loss, perplexity and next-token accuracy over the fixed validation windows `offsets`.
+    """Loss, perplexity and next-token accuracy over the fixed validation windows `offsets` (over the
+    targets that are not -100).
 
     The windows are shared out among the processes and the sums (not the means) are all-reduced, so the
     result is the same for any number of processes.
@@ -127,15 +128,16 @@ def evaluate(model: nn.Module, val: np.ndarray, offsets: np.ndarray, seq_len: in
     rounds = -(-len(offsets[0::world.size]) // batch_size)
     for r in range(rounds):
         chunk = batches[r] if r < len(batches) else offsets[:1]
-        x, y = windows_fn(val, chunk, seq_len, world.device)
+        x, y, *pos = windows_fn(val, chunk, seq_len, world.device)  # packed data: positions too
         with autocast(world.device, dtype):
-            logits = model(x)
+            logits = model(x, *pos)
         if r >= len(batches):
             continue
-        flat = logits.float().reshape(-1, logits.size(-1))
-        sums[0] += F.cross_entropy(flat, y.reshape(-1), reduction="sum").double()
-        sums[1] += (flat.argmax(-1) == y.reshape(-1)).sum()
-        sums[2] += y.numel()
+        flat, y = logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
+        keep = y >= 0  # -100: not a target (prompt tokens of chat data, padding)
+        sums[0] += F.cross_entropy(flat, y, reduction="sum").double()
+        sums[1] += ((flat.argmax(-1) == y) & keep).sum()
+        sums[2] += keep.sum()
     sums = all_sum(sums, world)
     model.train(was_training)
     loss = (sums[0] / sums[2]).item()

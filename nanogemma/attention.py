@@ -1,0 +1,103 @@
+"""Attention over a whole sequence (training, evaluation, any forward without a KV cache), without a T×T mask.
+
+The model's rule (model.py) is: a query attends to earlier keys of its own document, and on sliding layers
+only to the last W of them. A dense boolean mask states that rule in O(T²) memory per layer type, and
+the sliding layers then compute T² scores of which all but T·W are thrown away. Here the rule is applied
+by *which keys each block of queries is given*, so the masks are small and the work is what the rule needs:
+
+* **Global layers, one document per row** (plain pretraining windows): the causal kernel itself,
+  `scaled_dot_product_attention(is_causal=True)`; no mask at all.
+* **Blocks of queries** otherwise. Queries are cut into blocks of C; block [s, e) attends to keys
+  [lo, e), where lo is the first key any of its queries may see — s − W + 1 on sliding layers, the start
+  of the earliest document in the block when documents are packed. The block's mask (C × (e − lo)) adds
+  what the key range cannot say: causality inside the block, the window edge, document boundaries.
+  Memory is O(T·(C + W)) on sliding layers and O(T·(C + document length)) on packed global layers.
+
+Documents are read from the positions, as packed training batches write them: a token whose position is
+not its predecessor's plus one starts a new document (positions restart at 0 for every packed document).
+So the model needs no extra argument, and a plain `arange` is one document.
+
+`attend` is the single entry point: model.py calls it with either a mask tensor (a KV cache's, or a
+test's), which goes straight to the kernel, or a `Layout` of the sequence, which picks a kernel above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MIN_BLOCK = 128  # queries per block at least: below this the per-call overhead outweighs the saved work
+
+
+@dataclass
+class Block:
+    start: int  # queries [start, end)
+    end: int
+    lo: int  # keys [lo, end)
+    mask: Tensor  # (B or 1, 1, end - start, end - lo), True = may attend
+
+
+@dataclass
+class Layout:
+    """Where each token's document starts, and the query blocks of each window size, built once per forward."""
+
+    length: int
+    doc_start: Tensor | None  # (B, T) index of the first token of each token's document; None: one document
+    blocks: dict[int | None, list[Block]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, pos: Tensor | None, length: int) -> Layout:
+        """The layout of a sequence with positions `pos` (None: 0..T-1, one document per row)."""
+        if pos is None:
+            return cls(length, None)
+        new = torch.ones_like(pos, dtype=torch.bool)
+        new[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        if not bool(new[:, 1:].any()):
+            return cls(length, None)
+        idx = torch.arange(length, device=pos.device).expand_as(pos)
+        doc_start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        return cls(length, doc_start)
+
+    def block_size(self, window: int | None) -> int:
+        return max(window or 0, MIN_BLOCK)
+
+    def query_blocks(self, window: int | None, device: torch.device) -> list[Block]:
+        """The blocks for layers of this window (None: global), computed on first use, then shared."""
+        if window in self.blocks:
+            return self.blocks[window]
+        T, C = self.length, self.block_size(window)
+        starts = list(range(0, T, C))
+        # The earliest document start in each block's first column, over the batch: one transfer for all.
+        first_doc = [0] * len(starts) if self.doc_start is None else self.doc_start[:, starts].amin(0).tolist()
+        idx = torch.arange(T, device=device)
+        out = []
+        for s, d in zip(starts, first_doc, strict=True):
+            e = min(s + C, T)
+            lo = max(d, 0 if window is None else s - window + 1, 0)
+            q, k = idx[s:e, None], idx[None, lo:e]
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (k > q - window)
+            allowed = allowed[None, None]
+            if self.doc_start is not None:  # same document: same start
+                allowed = allowed & (self.doc_start[:, None, s:e, None] == self.doc_start[:, None, None, lo:e])
+            out.append(Block(s, e, lo, allowed))
+        self.blocks[window] = out
+        return out
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale: float,
+           window: int | None) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+    gqa = k.shape[1] != q.shape[1]
+    if not isinstance(mask, Layout):  # an explicit mask (a cache's): the kernel takes it as it is
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if window is None and mask.doc_start is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    outs = [F.scaled_dot_product_attention(q[:, :, b.start:b.end], k[:, :, b.lo:b.end], v[:, :, b.lo:b.end],
+                                           attn_mask=b.mask, scale=scale, enable_gqa=gqa)
+            for b in mask.query_blocks(window, q.device)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,108 @@
+"""Whole-sequence attention (nanogemma/attention.py) against the dense T×T mask it replaces.
+
+The dense reference is `model.causal_mask` plus the document rule, fed to the same blocks. Bounds come
+from a float64 copy of the model. Its norms still compute in float32 (model.RMSNorm does, by design), so
+in "float64" the two paths may differ by float32 rounding passed through the norms: at most a few dozen
+float32 epsilons of the gradient's scale. In float32 the blocked path may be no further from the float64
+result than a small multiple of the dense path's own float32 error, whatever the CPU's kernels round.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanogemma.attention import MIN_BLOCK, Layout
+from nanogemma.config import GLOBAL, get_preset
+from nanogemma.model import Gemma, causal_mask, rope_cos_sin
+
+EPS32 = torch.finfo(torch.float32).eps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+T = MIN_BLOCK + 72  # several query blocks, T ≫ W (the tiny preset's window is 8)
+
+
+def _positions(lengths: list[int], batch: int = 2) -> torch.Tensor:
+    """Row 0 packs documents of `lengths`; row 1 is one document."""
+    packed = torch.cat([torch.arange(n) for n in lengths])
+    return torch.stack([packed, torch.arange(len(packed))] + [torch.arange(len(packed))] * (batch - 2))
+
+
+def _dense_hidden(model: Gemma, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model with today's dense masks (causal, window, same document), block by block."""
+    x = model.embed_tokens(ids)
+    layout = Layout.of(pos, ids.shape[1])
+    idx = torch.arange(ids.shape[1]).expand_as(pos)
+    doc = layout.doc_start if layout.doc_start is not None else torch.zeros_like(pos)
+    same_doc = doc[:, None, :, None] == doc[:, None, None, :]
+    for block in model.layers:
+        glob = block.layer_type == GLOBAL
+        inv = model.inv_freq_global if glob else model.inv_freq_local
+        mask = causal_mask(idx, idx, None if glob else model.config.sliding_window) & same_doc
+        x = block(x, *rope_cos_sin(pos, inv, x.dtype), mask, pos)
+    return model.final_norm(x)
+
+
+def _grads(model: Gemma, ids, pos, dense: bool) -> list[torch.Tensor]:
+    model.zero_grad()
+    h = _dense_hidden(model, ids, pos) if dense else model.final_norm(model.hidden(ids, pos))
+    (model.head(h).double().logsumexp(-1).mean() + h.double().pow(2).mean()).backward()
+    return [p.grad.detach().double().clone() for p in model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = get_preset("tiny").replace(max_seq_len=1024)
+    model = Gemma(cfg).init_weights(seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("lengths", [[T], [60, 90, 1, 49]], ids=["one-document", "packed"])
+def test_gradients_equal_dense_path(tiny_model, lengths):
+    pos = _positions(lengths)
+    ids = torch.randint(0, tiny_model.config.vocab_size, pos.shape, generator=torch.Generator().manual_seed(2))
+    m64 = Gemma(tiny_model.config)
+    m64.load_state_dict(tiny_model.state_dict())
+    m64 = m64.double()
+    ref = _grads(m64, ids, pos, dense=True)
+    blocked64 = _grads(m64, ids, pos, dense=False)
+    dense32 = _grads(tiny_model, ids, pos, dense=True)
+    blocked32 = _grads(tiny_model, ids, pos, dense=False)
+    for r, b64, d32, b32 in zip(ref, blocked64, dense32, blocked32, strict=True):
+        scale = r.abs().max().item() + 1e-30
+        assert (b64 - r).abs().max().item() <= 32 * EPS32 * scale  # the same arithmetic, in other blocks
+        dense_err = (d32 - r).abs().max().item()
+        assert (b32 - r).abs().max().item() <= 4 * dense_err + 1e-6 * scale
+
+
+def test_packed_document_sees_only_itself(tiny_model):
+    """A document's logits do not change when unrelated documents are packed before and after it."""
+    m = Gemma(tiny_model.config)
+    m.load_state_dict(tiny_model.state_dict())
+    m = m.double().eval()
+    gen = torch.Generator().manual_seed(3)
+    doc = torch.randint(0, m.config.vocab_size, (1, 90), generator=gen)
+    before, after = (torch.randint(0, m.config.vocab_size, (1, n), generator=gen) for n in (110, 40))
+    with torch.no_grad():
+        alone = m(doc)
+        packed = m(torch.cat([before, doc, after], 1),
+                   torch.cat([torch.arange(110), torch.arange(90), torch.arange(40)])[None])
+    # Attention to other documents would move logits by O(1); float32 norms bound the rest (see above).
+    torch.testing.assert_close(packed[:, 110:200], alone, rtol=0, atol=32 * EPS32 * alone.abs().max().item())
+
+
+def test_layout_keeps_memory_linear():
+    """No block mask is wider than C + W keys on a sliding layer, or C + the document on a packed global one."""
+    W = 512
+    layout = Layout.of(None, 8192)
+    sliding = layout.query_blocks(W, torch.device("cpu"))
+    assert max(b.mask.shape[-1] for b in sliding) <= layout.block_size(W) + W - 1
+    assert layout.doc_start is None  # one document: global layers take the causal kernel, no mask
+    pos = torch.arange(8192).remainder(300)[None]  # documents of 300 tokens
+    glob = Layout.of(pos, 8192).query_blocks(None, torch.device("cpu"))
+    assert max(b.mask.shape[-1] for b in glob) <= MIN_BLOCK + 300 + MIN_BLOCK
