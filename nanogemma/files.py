@@ -169,6 +169,13 @@ def atomic_path(target: str | Path, folder: bool = False) -> Iterator[Path]:
         raise
 
 
+def readable(folder: Path) -> None:
+    """Files 0644 and the folder 0755 (a temporary folder is made private), before it is published."""
+    for f in folder.iterdir():
+        f.chmod(0o644)
+    folder.chmod(0o755)
+
+
 def atomic_write(target: str | Path, data: bytes | str) -> Path:
     """Write `data` to `target` under a temporary name, then rename (see `atomic_path`)."""
     with atomic_path(target) as tmp:

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import NanogemmaError
+from .files import atomic_path, readable
 from .model import Gemma
 from .quantize import quantize_rows
 
@@ -366,19 +364,10 @@ def save_peft(out_dir: str | Path, cfg: LoRAConfig, state: dict[str, Tensor], ba
         raise NanogemmaError(f"{out_dir} exists and is not empty; pass --overwrite or choose another folder")
     tensors = {_hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_path(out_dir, folder=True) as tmp:  # complete or absent, even on a full disk
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config(cfg, base_model), indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        readable(tmp)
     return out_dir
 
 

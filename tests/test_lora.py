@@ -36,12 +36,7 @@ FAST = {"preset": "tiny", "progress": False, "tensorboard": False, "sample_token
 VOCAB = 320
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ renamed into place, so OUT_DIR is either complete or absent.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..config import to_hf_config
 from ..errors import NanogemmaError
-from ..files import clean_orphans, temp_name
+from ..files import atomic_path, clean_orphans, readable
 
 FORMATS = ("hf", "peft")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -70,9 +69,7 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_orphans(out_dir.parent)  # what an export killed before its rename left
-    tmp = temp_name(out_dir)
-    tmp.mkdir()
-    try:
+    with atomic_path(out_dir, folder=True) as tmp:  # complete or absent, even on a full disk
         copied, tok = _write_tokenizer(tmp, tok_source, path)
         if tok is not None:
             hf.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
@@ -82,15 +79,7 @@ def export_hf(source: str | Path | None, out_dir: str | Path, dtype: str = "floa
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        readable(tmp)
     if not copied:
         print(f"nanogemma: warning: {tok_source} holds no tokenizer files; {out_dir} has none either",
               flush=True)
