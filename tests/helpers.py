@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (fixtures live in conftest.py): tiny models, a tiny model with
-Gemma's real tokenizer as a Hugging Face folder, and the command line in a subprocess."""
+Gemma's real tokenizer as a Hugging Face folder, the command line in a subprocess, a byte tokenizer, and
+files laid out as other tools write them (Parquet shards as on the hub, GGUF as llama.cpp's converter)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,66 @@ class ByteTok:
 
     def decode(self, ids) -> str:
         return bytes(i - 10 for i in ids if 10 <= i < 266).decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------------ files
+DOCS = ["Once upon a time there was a cat.", "Ünïcödé — ok ✓ 😀", "  leading space kept", "The end."]
+
+
+def write_parquet(path, texts, column="text", **extra):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: texts, **extra}), path, row_group_size=2)
+
+
+def hub_layout(root):
+    """A folder laid out as the hub stores roneneldan/TinyStories: Parquet shards under data/."""
+    write_parquet(root / "data" / "train-00000-of-00002.parquet", DOCS[:2], id=[0, 1])
+    write_parquet(root / "data" / "train-00001-of-00002.parquet", DOCS[2:], id=[2, 3])
+    write_parquet(root / "data" / "validation-00000-of-00001.parquet", ["A val story.", "Another one."], id=[4, 5])
+    return root
+
+
+def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None):
+    """A GGUF the way llama.cpp's converter lays it out: reversed shapes, norms stored as 1 + w (F32 unless
+    `qtype` says otherwise)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    from nanogemma.weight_files import gguf_name_map
+
+    qtype = Q.F32 if qtype is None else qtype
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_global_base)
+    w.add_sliding_window(cfg.sliding_window)
+    ours_to_gguf = {v: k for k, v in gguf_name_map(cfg.num_layers).items()}
+    for ours, t in state.items():
+        name = ours_to_gguf[ours]
+        if name in drop:
+            continue
+        arr = t.float().numpy()
+        if "norm" in name:
+            w.add_tensor(name, arr + 1.0)
+        elif qtype == Q.F32:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

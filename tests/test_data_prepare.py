@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_data_sources import DOCS, hub_layout  # tests/ is on sys.path (pytest's rootdir import mode)
+from helpers import DOCS, hub_layout  # tests/ is on sys.path (pytest's rootdir import mode)
 
 from nanogemma.data import load_data_tokenizer, prepare, read_meta, read_tokens, verify
 from nanogemma.data.prepare import default_out, held_out

@@ -6,15 +6,12 @@ from __future__ import annotations
 import gzip
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from helpers import DOCS, hub_layout, write_parquet  # tests/ is on sys.path (pytest's rootdir import mode)
 
 from nanogemma.data.chunks import split_file
 from nanogemma.data.sources import HubSource, LocalSource, SyntheticSource, open_source
 from nanogemma.errors import NanogemmaError
-
-DOCS = ["Once upon a time there was a cat.", "Ünïcödé — ok ✓ 😀", "  leading space kept", "The end."]
 
 
 def read_all(src, split="train"):
@@ -25,19 +22,6 @@ def read_all(src, split="train"):
         bad += d.bad_bytes
         empty += d.empty
     return texts, bad, empty
-
-
-def write_parquet(path, texts, column="text", **extra):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({column: texts, **extra}), path, row_group_size=2)
-
-
-def hub_layout(root):
-    """A folder laid out as the hub stores roneneldan/TinyStories: Parquet shards under data/."""
-    write_parquet(root / "data" / "train-00000-of-00002.parquet", DOCS[:2], id=[0, 1])
-    write_parquet(root / "data" / "train-00001-of-00002.parquet", DOCS[2:], id=[2, 3])
-    write_parquet(root / "data" / "validation-00000-of-00001.parquet", ["A val story.", "Another one."], id=[4, 5])
-    return root
 
 
 def test_txt_one_document_per_line(tmp_path):

@@ -12,8 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from helpers import write_gguf  # a GGUF laid out as llama.cpp's converter does
 from safetensors.torch import save_file
-from test_weights import write_gguf  # a GGUF laid out as llama.cpp's converter does
 
 from nanogemma.config import to_hf_config
 from nanogemma.errors import NanogemmaError

@@ -8,58 +8,22 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import quantize
+from helpers import write_gguf  # tests/ is on sys.path (pytest's rootdir import mode)
 from safetensors.torch import save_file
 
 from nanogemma.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from nanogemma.errors import NanogemmaError
-from nanogemma.weight_files import gguf_name_map, hf_state_dict
+from nanogemma.weight_files import hf_state_dict
 from nanogemma.weights import build_model, load_gguf, load_hf, load_state
 
 TOL = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 8e-2}
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-def write_gguf(path, cfg, state, qtype=Q.F32, arch="gemma3", drop=(), extra=None):
-    """A GGUF the way llama.cpp's converter lays it out: reversed shapes, norms stored as 1 + w."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_global_base)
-    w.add_sliding_window(cfg.sliding_window)
-    ours_to_gguf = {v: k for k, v in gguf_name_map(cfg.num_layers).items()}
-    for ours, t in state.items():
-        name = ours_to_gguf[ours]
-        if name in drop:
-            continue
-        arr = t.float().numpy()
-        if "norm" in name:
-            w.add_tensor(name, arr + 1.0)
-        elif qtype == Q.F32:
-            w.add_tensor(name, arr)
-        else:
-            w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
-    for name, arr in (extra or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.mark.parametrize("qtype", list(TOL))
