@@ -317,7 +317,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=POSITIVE, default=None,
                    help="torch threads in every worker (default: PyTorch's choice, one per core)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
-    p.set_defaults(run=_lazy("tools.bench", "run_cli"))
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .tools.bench import run
+
+    return run(args.model, args.modes, args.device, args.prompt_tokens, args.new_tokens, args.threads, args.compare,
+               args.peak_bandwidth, args.json)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:

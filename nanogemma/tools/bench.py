@@ -19,7 +19,6 @@ dequantised every time), so its cold time to first token is reported but not com
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -293,35 +292,38 @@ def _agreement(rows: list[dict]) -> str:
     return f"{note}, {same}/{len(ref['token_ids'])} tokens equal {plain}'s"
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run(model: str | None = None, modes: str | None = None, device: str = "cpu", prompt_tokens: int = 128,
+        new_tokens: int = 256, threads: int | None = None, compare: str | None = None,
+        peak_bandwidth: float | None = None, json_path: str | None = None) -> int:
+    """`nanogemma bench`: every mode in a fresh process, the table printed (and written as JSON)."""
     import torch
 
     from ..tokenizer import load_tokenizer
     from ..weight_files import resolve_model
 
-    if args.prompt_tokens < 2 or args.new_tokens < 2:
+    if prompt_tokens < 2 or new_tokens < 2:
         raise NanogemmaError("--prompt-tokens and --new-tokens must be at least 2")
-    cuda = str(args.device).startswith("cuda")
+    cuda = str(device).startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise NanogemmaError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     default = ("float32,bfloat16,float32+compile,bfloat16+compile" if cuda
                else "float32,bfloat16,int8,int8+compile")
-    modes = [m.strip() for m in (args.modes or default).split(",") if m.strip()]
-    for m in modes:
+    mode_list = [m.strip() for m in (modes or default).split(",") if m.strip()]
+    for m in mode_list:
         parse_mode(m)
-    _, path = resolve_model(args.model)
-    ids = prompt_ids(load_tokenizer(path), args.prompt_tokens)
-    if args.threads is not None and args.threads < 1:
-        raise NanogemmaError(f"--threads must be >= 1, got {args.threads}")
-    spec = {"model": args.model, "device": args.device, "ids": ids, "new_tokens": args.new_tokens,
-            "threads": args.threads}
-    if args.threads:
-        torch.set_num_threads(args.threads)  # so that the header says so
+    _, path = resolve_model(model)
+    ids = prompt_ids(load_tokenizer(path), prompt_tokens)
+    if threads is not None and threads < 1:
+        raise NanogemmaError(f"--threads must be >= 1, got {threads}")
+    spec = {"model": model, "device": device, "ids": ids, "new_tokens": new_tokens,
+            "threads": threads}
+    if threads:
+        torch.set_num_threads(threads)  # so that the header says so
     print(f"# {machine()}", flush=True)
-    print(f"# model {path.name}, prompt {len(ids)} tokens, {args.new_tokens} new tokens, batch 1, greedy",
+    print(f"# model {path.name}, prompt {len(ids)} tokens, {new_tokens} new tokens, batch 1, greedy",
           flush=True)
     rows = []
-    for kind, mode in [("nanogemma", m) for m in modes] + ([("transformers", "transformers")] if args.compare else []):
+    for kind, mode in [("nanogemma", m) for m in mode_list] + ([("transformers", "transformers")] if compare else []):
         try:
             rows.append(spawn(kind, {**spec, "mode": mode}))
         except NanogemmaError as e:  # one failing mode (say, no C++ compiler for +compile) spoils no other
@@ -330,13 +332,13 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"#   {mode}: {rows[-1]['decode_tok_s']:.1f} decode tok/s{_agreement(rows)}", flush=True)
     if not any(r["mode"] != "transformers" for r in rows):
         raise NanogemmaError("every benchmark mode failed (see the lines above)")
-    print(table(rows, args.peak_bandwidth or (gpu_bandwidth() if cuda else None)))
+    print(table(rows, peak_bandwidth or (gpu_bandwidth() if cuda else None)))
     best = max((r for r in rows if r["mode"] != "transformers"), key=lambda r: r["decode_tok_s"])
     print(f"fastest mode: {best['mode']}, {best['decode_tok_s']:.1f} tokens/s")
-    if args.json:
+    if json_path:
         from ..machine import cpu_info
 
-        Path(args.json).write_text(json.dumps({"machine": machine(), "cpu": cpu_info(), "rows": rows}, indent=2))
+        Path(json_path).write_text(json.dumps({"machine": machine(), "cpu": cpu_info(), "rows": rows}, indent=2))
     return 0
 
 
