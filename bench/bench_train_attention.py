@@ -22,7 +22,7 @@ def one(path: str, layer: str, T: int, repeats: int, threads: int) -> dict:
     import torch
 
     from nanogemma.attention import Layout, attend
-    from nanogemma.model import causal_mask
+    from nanogemma.cache import causal_mask
 
     torch.set_num_threads(threads)
     H, Hkv, D, W = 4, 1, 256, 512

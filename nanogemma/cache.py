@@ -13,7 +13,7 @@ graph) can be captured once and replayed:
 A *column* counts tokens fed to the cache (shared by all rows of a batch); a *position* is what RoPE and
 the masks use, per row. They differ only in a batch: prompts of different lengths are left-padded so
 that they all end at the same column, and a row with p pads holds position c - p at column c (pads get
-negative positions). Masks are built from the stored positions by `model.causal_mask`, which never lets a
+negative positions). Masks are built from the stored positions by `causal_mask`, which never lets a
 real query see a negative (pad or empty) key — so a padded row computes exactly what it would alone.
 
 **Why a ring is enough.** A sliding query at position i sees keys i-W < j <= i: the last W columns, which
@@ -49,7 +49,20 @@ from torch import Tensor, nn
 
 from .config import GLOBAL, GemmaConfig
 from .errors import NanogemmaError
-from .model import causal_mask
+
+
+def causal_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Boolean (B, 1, Tq, Tk) mask, True = may attend: causal, and within `window` keys if given.
+
+    Positions are absolute, so the same rule serves full sequences, chunks and cache layouts. A negative
+    key position marks an empty cache slot and is never attended.
+    """
+    q = q_pos[:, None, :, None]
+    k = k_pos[:, None, None, :] if k_pos.dim() == 2 else k_pos[None, None, None, :]
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed &= k > q - window  # i - W < j <= i: the query itself plus W - 1 earlier keys
+    return allowed
 
 
 def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:

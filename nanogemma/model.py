@@ -26,13 +26,11 @@ The data flow, top to bottom:
 Every RMSNorm here computes in float32 and multiplies by (1 + w): the weight is stored as an offset from
 one, initialised to zero, so a fresh norm is the identity scale.
 
-The forward pass optionally takes a KV cache (see `cache.py`): the cache stores each layer's keys and
-values and hands back what attention should see, with the matching mask. Without a cache the model
-recomputes the whole sequence, which is the reference behaviour every cached path is tested against;
-`attention.py` then applies the same rule without building a T×T mask (sliding layers attend through
-blocks of W-wide key ranges, global layers through the causal kernel). Positions also say where packed
-documents begin: a position that is not its predecessor's plus one starts a new document, which
-attention does not cross.
+The forward pass optionally takes a KV cache (`cache.py`), which stores each layer's keys and values and
+hands back what attention should see, with its mask. Without one the model recomputes the whole sequence
+(the reference every cached path is tested against) through `attention.py`, which needs no T×T mask and
+reads document boundaries from the positions: a position that does not follow its predecessor's starts a
+new document, which attention does not cross.
 """
 
 from __future__ import annotations
@@ -77,20 +75,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[i], x[i + D/2]): the "rotate half" layout of HF checkpoints, no permutation needed."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def causal_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-    """Boolean (B, 1, Tq, Tk) mask, True = may attend: causal, and within `window` keys if given.
-
-    Positions are absolute, so the same rule serves full sequences, chunks and cache layouts. A negative
-    key position marks an empty cache slot and is never attended.
-    """
-    q = q_pos[:, None, :, None]
-    k = k_pos[:, None, None, :] if k_pos.dim() == 2 else k_pos[None, None, None, :]
-    allowed = (k <= q) & (k >= 0)
-    if window is not None:
-        allowed &= k > q - window  # i - W < j <= i: the query itself plus W - 1 earlier keys
-    return allowed
 
 
 class KVCacheLayer(Protocol):

@@ -1,6 +1,6 @@
 """Whole-sequence attention (nanogemma/attention.py) against the dense T×T mask it replaces.
 
-The dense reference is `model.causal_mask` plus the document rule, fed to the same blocks. Bounds come
+The dense reference is `cache.causal_mask` plus the document rule, fed to the same blocks. Bounds come
 from a float64 copy of the model. Its norms still compute in float32 (model.RMSNorm does, by design), so
 in "float64" the two paths may differ by float32 rounding passed through the norms: at most a few dozen
 float32 epsilons of the gradient's scale. In float32 the blocked path may be no further from the float64
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from nanogemma.attention import MIN_BLOCK, Layout
+from nanogemma.cache import causal_mask
 from nanogemma.config import GLOBAL, get_preset
-from nanogemma.model import Gemma, causal_mask, rope_cos_sin
+from nanogemma.model import Gemma, rope_cos_sin
 
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from nanogemma.cache import causal_mask
 from nanogemma.cli import main
 from nanogemma.config import GLOBAL, SLIDING, get_preset
-from nanogemma.model import Gemma, causal_mask
+from nanogemma.model import Gemma
 from nanogemma.tools.inspect_model import flops_per_token, kv_cache, param_breakdown, report
 
 
@@ -87,8 +88,11 @@ def test_cli_inspect_default_model(capsys):
 
 
 def test_cli_inspect_rejects_bad_context(capsys):
-    assert main(["inspect", "--model", "tiny", "--context", "0"]) == 1
-    assert capsys.readouterr().err.startswith("nanogemma: error: --context")
+    with pytest.raises(SystemExit) as stop:  # a flag's value out of range: a one-line usage error, exit 2
+        main(["inspect", "--model", "tiny", "--context", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanogemma: error: argument --context: must be at least 1") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("context", [100, 4096, 32_768])

@@ -12,8 +12,9 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.models.gemma3 import modeling_gemma3 as hf
 
+from nanogemma.cache import causal_mask
 from nanogemma.config import GLOBAL, SLIDING, get_preset, to_hf_config
-from nanogemma.model import Gemma, RMSNorm, apply_rope, causal_mask, rope_cos_sin, rope_inv_freq
+from nanogemma.model import Gemma, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from nanogemma.weights import hf_state_dict
 
 T = 40  # > 4 windows of the tiny preset
