@@ -71,6 +71,14 @@ PREFIX_BLOCK = 64  # prefix reuse works in whole blocks of this many prompt toke
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
 
 
+def check_settings(slots: int, step_tokens: int, max_queue: int, prefix_cache: int) -> None:
+    """Refuse engine settings that cannot work (the server checks them before it loads the model)."""
+    for name, value, least in (("--slots", slots, 1), ("--step-tokens", step_tokens, 1),
+                               ("--max-queue", max_queue, 0), ("--prefix-cache", prefix_cache, 0)):
+        if value < least:
+            raise NanogemmaError(f"{name} must be >= {least}, got {value}")
+
+
 class QueueFull(NanogemmaError):
     """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
 
@@ -289,14 +297,7 @@ class Engine:
                  step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = 64, compile: bool | str = False,
                  pad_id: int = 0, prefix_cache: int = 0):
         cfg = model.config
-        if slots < 1:
-            raise NanogemmaError(f"--slots must be >= 1, got {slots}")
-        if step_tokens < 1:
-            raise NanogemmaError(f"the step token budget must be >= 1, got {step_tokens}")
-        if max_queue < 0:
-            raise NanogemmaError(f"--max-queue must be >= 0, got {max_queue}")
-        if prefix_cache < 0:
-            raise NanogemmaError(f"--prefix-cache must be >= 0, got {prefix_cache}")
+        check_settings(slots, step_tokens, max_queue, prefix_cache)
         self.prefixes = PrefixCache(prefix_cache) if prefix_cache else None
         self.model, self.slots, self.pad_id = model, slots, pad_id
         self.max_len = min(max_len or min(DEFAULT_CONTEXT, cfg.max_seq_len), cfg.max_seq_len)

@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from .decoding import SamplingParams, TextStream, stop_ids_for
-from .engine import DEFAULT_PREFIX_CACHE, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, Engine, QueueFull, Request
+from .engine import (
+    DEFAULT_PREFIX_CACHE,
+    DEFAULT_SLOTS,
+    DEFAULT_STEP_TOKENS,
+    Engine,
+    QueueFull,
+    Request,
+    check_settings,
+)
 from .errors import NanogemmaError
 
 DEFAULT_MAX_TOKENS = 512  # when a request does not say (bounded by the room left in the context)
@@ -630,13 +638,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
         import uvicorn
     except ImportError:
         raise NanogemmaError("the server needs FastAPI and uvicorn: pip install 'nanogemma[serve]'") from None
-    for name, value in (("--slots", slots), ("--step-tokens", step_tokens)):
-        if value < 1:
-            raise NanogemmaError(f"{name} must be >= 1, got {value}")
-    if max_queue < 0:
-        raise NanogemmaError(f"--max-queue must be >= 0, got {max_queue}")
-    if prefix_cache < 0:
-        raise NanogemmaError(f"--prefix-cache must be >= 0, got {prefix_cache}")
+    check_settings(slots, step_tokens, max_queue, prefix_cache)
     if not 0 < port < 65536:
         raise NanogemmaError(f"--port must be in 1..65535, got {port}")
     if not timeout > 0:

@@ -369,7 +369,7 @@ def test_cli_serve_binds_localhost_and_answers(tiny_hf_folder):
 def test_cli_serve_bad_flags():
     proc = subprocess.run([sys.executable, "-m", "nanogemma", "serve", "--slots", "0"], capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("nanogemma: error:") and "--slots" in proc.stderr
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NanogemmaError
-from ..files import read_json, regular_file
+from ..files import read_json, regular_file, sha256_file  # noqa: F401 - sha256_file: prepare uses store's
 
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -99,14 +99,6 @@ def read_mask(folder: str | Path, split: str = "train") -> np.memmap | None:
         raise NanogemmaError(f"{path} is missing or does not match the token file; prepare the folder again "
                              "with --overwrite")
     return np.memmap(path, dtype=np.uint8, mode="r")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(folder: str | Path) -> None:
