@@ -209,11 +209,8 @@ class Gemma(nn.Module):
         return x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.head(self.final_norm(x))
-
-    def head(self, x: Tensor) -> Tensor:
-        """Normed hidden states -> logits, through the embedding table (tied) or a separate head."""
-        return self.lm_head(x)
+        """Hidden states -> logits: the final norm, then the head (the embedding table when tied)."""
+        return self.lm_head(self.final_norm(x))
 
     def forward(self, ids: Tensor, pos: Tensor | None = None, cache: object | None = None,
                 last_only: bool = False) -> Tensor:

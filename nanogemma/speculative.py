@@ -179,7 +179,7 @@ class SpeculativeDecoder:
                 draft_probs.append(None if q is None else (q, sub_ids))
                 if seen is not None:
                     seen[0, token] = True
-            full = model.head(torch.cat(hidden)).float()  # (k, V): one pass over the head for k tokens
+            full = model.lm_head(torch.cat(hidden)).float()  # (k, V): one pass over the head for k tokens
             # S's columns are taken from the drafts' own one-row products, so that the check and the draft
             # see the same numbers there; only the tokens outside S can overturn a draft.
             full[:, sub_ids] = torch.cat(draft_logits)

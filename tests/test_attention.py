@@ -48,7 +48,7 @@ def _dense_hidden(model: Gemma, ids: torch.Tensor, pos: torch.Tensor) -> torch.T
 def _grads(model: Gemma, ids, pos, dense: bool) -> list[torch.Tensor]:
     model.zero_grad()
     h = _dense_hidden(model, ids, pos) if dense else model.final_norm(model.hidden(ids, pos))
-    (model.head(h).double().logsumexp(-1).mean() + h.double().pow(2).mean()).backward()
+    (model.lm_head(h).double().logsumexp(-1).mean() + h.double().pow(2).mean()).backward()
     return [p.grad.detach().double().clone() for p in model.parameters()]
 
 
