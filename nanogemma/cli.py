@@ -647,9 +647,9 @@ def _add_task(sub: argparse._SubParsersAction) -> None:
                                    "`nanogemma eval --task OUT/test.jsonl`.")
     p.add_argument("name", choices=["extract"], help="extract: orders in free sentences -> one line of JSON")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, default=4000, help="training records (default 4000)")
-    p.add_argument("--test", type=int, default=200, help="held-out test records (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of both files (default 0)")
+    p.add_argument("--train", type=POSITIVE, default=4000, help="training records (default 4000)")
+    p.add_argument("--test", type=POSITIVE, default=200, help="held-out test records (default 200)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of both files (default 0)")
     p.set_defaults(run=_run_task)
 
 
