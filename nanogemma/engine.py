@@ -68,6 +68,7 @@ DEFAULT_SLOTS = 8
 DEFAULT_STEP_TOKENS = 256
 DEFAULT_CONTEXT = 8192
 PREFIX_BLOCK = 64  # prefix reuse works in whole blocks of this many prompt tokens
+MIN_CHUNK = 16  # a prefill call takes at most budget // MIN_CHUNK slots: tiny chunks are mostly overhead
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
 
 
@@ -87,15 +88,17 @@ class QueueFull(NanogemmaError):
 
 
 class _Plan:
-    """What the next forward call feeds, shared by every layer: a decode step or one slot's prefill chunk."""
+    """What the next forward call feeds, shared by every layer: a decode step or a batch of prefill chunks."""
 
     def __init__(self, slots: int, device: torch.device):
-        self.row: int | None = None  # a chunk for this slot; None: a decode step
-        self.start = 0  # the chunk's first position
+        # Prefill: row i of the batch is a chunk of `chunks[i] = (slot, start, n)`: n tokens from position
+        # `start`, right-padded to the batch's common length with pads at position -1. None: a decode step.
+        self.chunks: list[tuple[int, int, int]] | None = None
+        self.sel = torch.zeros(0, dtype=torch.long, device=device)  # the chunks' slots, as an index
         self.rows = slots  # a decode step covers slots 0..rows-1
         self.keys: int | None = None  # eager decode: attend to the first `keys` entries of global layers
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next position
-        self.masks: dict[int | None, Tensor] = {}  # one mask per layer type per eager step
+        self.masks: dict[int | None, Tensor] = {}  # one mask per layer type per eager call
 
 
 class SlotLayerCache(nn.Module):
@@ -110,7 +113,7 @@ class SlotLayerCache(nn.Module):
         self.register_buffer("pos", torch.full((slots, entries), -1, dtype=torch.long, device=device))
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self._decode(pos, k, v) if self.plan.row is None else self._chunk(pos, k, v)
+        return self._decode(pos, k, v) if self.plan.chunks is None else self._chunks(pos, k, v)
 
     def _decode(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, (_, H, _, D) = self.plan.rows, k.shape
@@ -128,22 +131,34 @@ class SlotLayerCache(nn.Module):
             mask = self.plan.masks[self.window] = attention_mask(pos, kpos, self.window)
         return keys, values, mask
 
-    def _chunk(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r, start, T = self.plan.row, self.plan.start, k.shape[2]
-        rk, rv, rpos = self.k[r:r + 1], self.v[r:r + 1], self.pos[r:r + 1]
+    def _chunks(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Prefill: row i holds a chunk of slot `sel[i]`. Each row attends to its own slot's entries and to
+        its own chunk; only a chunk's real tokens are stored (its pads, at position -1, never are)."""
+        plan, sel = self.plan, self.plan.sel
         if self.window is None:
-            end = start + T
-            rk[:, :, start:end], rv[:, :, start:end], rpos[:, start:end] = k, v, pos
-            return rk[:, :, :end], rv[:, :, :end], attention_mask(pos, rpos[:, :end], None)
-        # As in cache.py: attend to [old ring | chunk] before overwriting, then keep the chunk's last keys.
-        keys, values = torch.cat((rk, k), dim=2), torch.cat((rv, v), dim=2)
-        ring_pos = torch.where(rpos < pos[:, :1], rpos, -1)  # entries at or past the chunk are stale
-        mask = attention_mask(pos, torch.cat((ring_pos, pos), dim=1), self.window)
-        keep = min(T, self.entries)
-        entries = torch.arange(start + T - keep, start + T, device=k.device) % self.entries
-        rk.index_copy_(2, entries, k[:, :, T - keep:])
-        rv.index_copy_(2, entries, v[:, :, T - keep:])
-        rpos.index_copy_(1, entries, pos[:, T - keep:])
+            for i, (slot, start, n) in enumerate(plan.chunks):
+                self.k[slot, :, start:start + n] = k[i, :, :n]
+                self.v[slot, :, start:start + n] = v[i, :, :n]
+                self.pos[slot, start:start + n] = pos[i, :n]
+            end = max(start + n for _, start, n in plan.chunks)  # the longest row's history; shorter
+            keys, values, kpos = self.k[sel, :, :end], self.v[sel, :, :end], self.pos[sel, :end]  # ones masked
+            mask = plan.masks.get(None)
+            if mask is None:  # every global layer holds the same positions: one mask serves them all
+                mask = plan.masks[None] = attention_mask(pos, kpos, None)
+            return keys, values, mask
+        # As in cache.py: attend to [old ring | chunk] before overwriting, then keep each chunk's last keys.
+        keys, values = torch.cat((self.k[sel], k), dim=2), torch.cat((self.v[sel], v), dim=2)
+        mask = plan.masks.get(self.window)
+        if mask is None:
+            ring_pos = self.pos[sel]
+            ring_pos = torch.where(ring_pos < pos[:, :1], ring_pos, -1)  # entries at or past the chunk are stale
+            mask = plan.masks[self.window] = attention_mask(pos, torch.cat((ring_pos, pos), dim=1), self.window)
+        for i, (slot, start, n) in enumerate(plan.chunks):
+            keep = min(n, self.entries)
+            entries = torch.arange(start + n - keep, start + n, device=k.device) % self.entries
+            self.k[slot].index_copy_(1, entries, k[i, :, n - keep:n])
+            self.v[slot].index_copy_(1, entries, v[i, :, n - keep:n])
+            self.pos[slot].index_copy_(0, entries, pos[i, n - keep:n])
         return keys, values, mask
 
 
@@ -188,12 +203,16 @@ class SlotCache(nn.Module):
             layer.k[slot, :, :n], layer.v[slot, :, :n], layer.pos[slot, :n] = k, v, pos
         self.lengths[slot] = length
 
-    def plan_chunk(self, slot: int) -> None:
-        self.plan.row, self.plan.start = slot, self.lengths[slot]
+    def plan_chunks(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """The next call feeds `lengths[i]` tokens to `slots[i]`, row i of a batch padded to the longest."""
+        plan = self.plan
+        plan.chunks = [(s, self.lengths[s], n) for s, n in zip(slots, lengths, strict=True)]
+        plan.sel = torch.tensor(list(slots), dtype=torch.long, device=plan.write.device)
+        plan.masks = {}
 
     def plan_decode(self, rows: int) -> None:
         plan = self.plan
-        plan.row, plan.rows, plan.masks = None, rows, {}
+        plan.chunks, plan.rows, plan.masks = None, rows, {}
         plan.write.copy_(torch.tensor(self.lengths, device=plan.write.device))
         plan.keys = min(max(self.lengths[:rows]) + 1, self.max_len)
 
@@ -370,12 +389,7 @@ class Engine:
         decoding = [r for r in self.active if r is not None and r.fed == len(r.prompt)]
         if decoding:
             self._decode(decoding)
-        budget = max(self.step_tokens - len(decoding), 1)
-        prefilling = sorted((r for r in self.active if r is not None and r.fed < len(r.prompt)),
-                            key=lambda r: r.submitted)
-        for req in prefilling:
-            while budget > 0 and req.fed < len(req.prompt):  # several chunks when they end on block boundaries
-                budget -= self._prefill(req, budget)
+        self._prefill(max(self.step_tokens - len(decoding), 1))
         self.stats.steps += 1
         self.stats.busy_seconds += time.perf_counter() - t0
         return True
@@ -394,29 +408,60 @@ class Engine:
         req.sampler.observe([req.prompt])
         self.active[slot] = req
 
-    def _prefill(self, req: Request, budget: int) -> int:
-        """Feed the next chunk of a prompt (at most `budget` tokens); returns the tokens fed."""
-        slot = req.slot
+    def _prefill(self, budget: int) -> None:
+        """Feed prompt chunks of the prefilling slots together, as rows of one forward call.
+
+        A burst of new prompts is thus prefilled as one batch rather than one slot after another, and the
+        slots share the step's budget equally, so a short prompt is through in a step or two even beside a
+        long one. When the budget cannot give each slot `MIN_CHUNK` tokens, the oldest prompt goes first
+        (none waits forever), then those nearest their first token. A batch is padded to its longest chunk
+        and the pads count against the budget: they cost as much as tokens. A second call runs when the
+        first left budget over (chunks cut short at a block boundary, or prompts finished).
+        """
+        while budget > 0:
+            pending = [r for r in self.active if r is not None and r.fed < len(r.prompt)]
+            if not pending:
+                return
+            oldest = min(pending, key=lambda r: r.submitted)
+            rest = sorted((r for r in pending if r is not oldest), key=lambda r: (len(r.prompt) - r.fed, r.submitted))
+            reqs = [oldest, *rest][:max(1, budget // MIN_CHUNK)]
+            chunks = [self._chunk(r, max(1, budget // len(reqs))) for r in reqs]
+            self._feed(reqs, chunks)
+            budget -= len(reqs) * max(len(c) for c in chunks)
+
+    def _chunk(self, req: Request, share: int) -> list[int]:
+        """The request's next prompt tokens, at most `share` of them."""
+        end = min(req.fed + share, len(req.prompt))
         if self.prefixes is not None:  # end the chunk on the last block boundary it reaches: a prefix to keep
-            aligned = min(req.fed + budget, len(req.prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+            aligned = min(end, len(req.prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
             if aligned > req.fed:
-                budget = aligned - req.fed
-        chunk = req.prompt[req.fed:req.fed + budget]
-        start = self.cache.lengths[slot]
-        device = self.model.device
-        self.cache.plan_chunk(slot)
-        ids = torch.tensor([chunk], device=device)
-        pos = torch.arange(start, start + len(chunk), device=device)[None]
-        logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
-        self.cache.lengths[slot] += len(chunk)
-        req.fed += len(chunk)
-        self.stats.prompt_tokens += len(chunk)
-        if (self.prefixes is not None and req.fed % PREFIX_BLOCK == 0 and req.fed < len(req.prompt)
-                and req.prompt[:req.fed] not in self.prefixes):
-            self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(slot))
-        if req.fed == len(req.prompt):
-            self._emit(req, logits)
-        return len(chunk)
+                end = aligned
+        return req.prompt[req.fed:end]
+
+    def _feed(self, reqs: list[Request], chunks: list[list[int]]) -> None:
+        """One forward call: row i feeds `chunks[i]` to the slot of `reqs[i]` (pads at position -1)."""
+        T, device = max(len(c) for c in chunks), self.model.device
+        ids = torch.full((len(reqs), T), self.pad_id, dtype=torch.long)
+        pos = torch.full((len(reqs), T), -1, dtype=torch.long)
+        for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
+            start = self.cache.lengths[req.slot]
+            ids[i, :len(chunk)] = torch.tensor(chunk)
+            pos[i, :len(chunk)] = torch.arange(start, start + len(chunk))
+        self.cache.plan_chunks([r.slot for r in reqs], [len(c) for c in chunks])
+        hidden = self.model.hidden(ids.to(device), pos.to(device), self.cache)
+        done = [i for i, (r, c) in enumerate(zip(reqs, chunks, strict=True)) if r.fed + len(c) == len(r.prompt)]
+        if done:  # the head only for rows whose prompt ends here, at each one's last real token
+            last = torch.tensor([len(chunks[i]) - 1 for i in done], device=device)
+            logits = self.model.logits(hidden[torch.tensor(done, device=device), last]).float()
+        for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
+            self.cache.lengths[req.slot] += len(chunk)
+            req.fed += len(chunk)
+            self.stats.prompt_tokens += len(chunk)
+            if (self.prefixes is not None and req.fed % PREFIX_BLOCK == 0 and req.fed < len(req.prompt)
+                    and req.prompt[:req.fed] not in self.prefixes):
+                self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(req.slot))
+            if i in done:
+                self._emit(req, logits[done.index(i)][None])
 
     def _decode(self, decoding: list[Request]) -> None:
         rows = self.slots if self.cache.static else max(r.slot for r in decoding) + 1

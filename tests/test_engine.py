@@ -110,7 +110,7 @@ def test_slot_logits_are_bounded_by_a_float64_reference(model):
     other = prompt(20, seed=10)
     with torch.inference_mode():
         for slot, ids in ((0, other), (1, seq)):
-            cache.plan_chunk(slot)
+            cache.plan_chunks([slot], [len(ids)])
             model(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
             cache.lengths[slot] = len(ids)
         session = Session(model, 1, 256)
@@ -144,10 +144,16 @@ def test_compiled_decode_step_matches_eager(model):
 def test_bfloat16_serves_and_starts_like_its_lone_run():
     """bfloat16 keeps 8 bits of mantissa: a differently shaped product can flip a near-tie, after which texts
     part. So this checks what holds by construction: each request runs to its length in its own slot, and
-    the prefill (the same tokens in one chunk each way) gives the lone run's first token."""
+    the prefill (the same tokens in one chunk each way, a batch of one: the second arrives after the first
+    is prefilled) gives the lone run's first token."""
     m = tiny_model().to(torch.bfloat16)
     prompts = [prompt(n, seed=4) for n in (5, 13)]
-    got = Engine(m, slots=2, max_len=64, step_tokens=64).generate(prompts, 25)
+    engine = Engine(m, slots=2, max_len=64, step_tokens=64)
+    reqs = [engine.submit(Request(prompts[0], 25))]
+    engine.step()
+    reqs.append(engine.submit(Request(prompts[1], 25)))
+    run_all(engine)
+    got = [r.tokens for r in reqs]
     assert [len(t) for t in got] == [25, 25]
     assert [t[0] for t in got] == [lone(m, p, 1)[0] for p in prompts]
 
@@ -262,3 +268,74 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_no_token(model):
         assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(pos, pos2)
     with pytest.raises(NanogemmaError, match="prefix-cache"):
         Engine(model, prefix_cache=-1)
+
+
+def record_feeds(engine: Engine, monkeypatch) -> list[list[tuple[int, int]]]:
+    """Each prefill forward call, as its rows: (slot, chunk length), by slot."""
+    calls: list[list[tuple[int, int]]] = []
+    real = engine._feed
+
+    def feed(reqs, chunks):
+        calls.append(sorted((r.slot, len(c)) for r, c in zip(reqs, chunks, strict=True)))
+        real(reqs, chunks)
+
+    monkeypatch.setattr(engine, "_feed", feed)
+    return calls
+
+
+def test_several_slots_are_prefilled_in_one_call_and_equal_each_prompt_alone(model, monkeypatch):
+    """Five prompts admitted together, of different lengths (shorter than the window, longer, longer than a
+    step's share: several chunks) and one starting with a stored prefix, are prefilled as rows of one batch.
+    Then two more arrive while those decode and are prefilled together beside the decode steps."""
+    from nanogemma.engine import PREFIX_BLOCK
+
+    system = prompt(70, seed=21)
+    first = [prompt(3, seed=22), prompt(W + 1, seed=22), prompt(40, seed=22), system + prompt(5, seed=23),
+             prompt(130, seed=22)]
+    later = [prompt(2 * W + 3, seed=24), system + prompt(20, seed=25)]
+    expected = [lone(model, p, 12) for p in first + later]
+    engine = Engine(model, slots=7, max_len=200, step_tokens=160, prefix_cache=4)
+    assert engine.generate([system + [5]], 1) == [lone(model, system + [5], 1)]  # stores the system prompt
+    calls = record_feeds(engine, monkeypatch)
+    reqs = [engine.submit(Request(p, 12)) for p in first]
+    engine.step()
+    assert engine.stats.prefix_hits == 1 and reqs[3].fed >= PREFIX_BLOCK
+    # One call, five rows of different lengths: 160 // 5 = 32 tokens each at most, the short ones whole.
+    assert calls == [[(0, 3), (1, W + 1), (2, 32), (3, 11), (4, 32)]]
+    assert [len(r.tokens) for r in reqs] == [1, 1, 0, 1, 0]
+    for _ in range(3):
+        engine.step()
+    late = [engine.submit(Request(p, 12)) for p in later]
+    while not all(r.tokens for r in late):
+        before = [len(r.tokens) for r in reqs]
+        engine.step()
+        assert all(len(r.tokens) == b + 1 for r, b in zip(reqs, before, strict=True) if 0 < b < 12)
+    assert calls[-1] == [(5, 2 * W + 3), (6, 90 - PREFIX_BLOCK)]  # one call for both, the second from its prefix
+    run_all(engine)
+    assert [r.tokens for r in reqs + late] == expected
+    assert engine.stats.prefix_hits == 2
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_one(model, monkeypatch):
+    """A 200-token prompt and a 5-token one arrive together while two requests decode: they share the step's
+    prompt budget, so the short one's first token comes at once, and the decodes keep a token per step."""
+    engine = Engine(model, slots=4, max_len=256, step_tokens=40)
+    running = [engine.submit(Request(prompt(n, seed=26), 60)) for n in (4, 6)]
+    while not all(r.tokens for r in running):
+        engine.step()
+    calls = record_feeds(engine, monkeypatch)
+    long = engine.submit(Request(prompt(200, seed=27), 5))
+    short = engine.submit(Request(prompt(5, seed=27), 5))
+    engine.step()
+    assert short.tokens and not long.tokens
+    assert calls == [sorted([(long.slot, 19), (short.slot, 5)])]  # (40 - 2 decode tokens) // 2 each at most
+    steps = 1
+    while not long.tokens:
+        before = [len(r.tokens) for r in running]
+        engine.step()
+        steps += 1
+        assert [len(r.tokens) for r in running] == [b + 1 for b in before]
+    assert max(len(rows) * max(n for _, n in rows) for rows in calls) <= 38  # pads count against the budget
+    run_all(engine)
+    assert long.tokens == lone(model, prompt(200, seed=27), 5) and short.tokens == lone(model, prompt(5, seed=27), 5)
+    assert [r.tokens for r in running] == [lone(model, prompt(n, seed=26), 60) for n in (4, 6)]
