@@ -24,7 +24,11 @@ attention sees its own history and nothing else, whatever the other slots hold.
    on a global layer that entry is unwritten, on a ring it holds position p - W, which no query at p or
    later is allowed to see;
 4. prefill waiting prompts in chunks, until the step's token budget (`step_tokens`, decode tokens included)
-   is spent: a long prompt is fed a chunk per step between the decode steps, so it delays the others by a
+   is spent. The prompts being prefilled share the budget equally and go through the model *together*:
+   row i of one forward call is slot i's next chunk, right-padded to the longest chunk with pads at
+   position -1 (never stored, never attended), so a burst of new requests is prefilled as one batch, not
+   one slot after another, and a short prompt beside a 4,000-token one gets its first token within a step
+   or two. A long prompt is fed a chunk per step between the decode steps, so it delays the others by a
    chunk's time, not by its whole length. A prompt's last chunk gives its first token;
 5. sample each new token with its request's own `Sampler` (its parameters, its seeded generator, its
    repetition history), and finish a request at a stop id, at `max_new_tokens` or at the context limit.
