@@ -25,11 +25,13 @@ attention sees its own history and nothing else, whatever the other slots hold.
    later is allowed to see;
 4. prefill waiting prompts in chunks, until the step's token budget (`step_tokens`, decode tokens included)
    is spent. The prompts being prefilled share the budget equally and go through the model *together*:
-   row i of one forward call is slot i's next chunk, right-padded to the longest chunk with pads at
+   each row of one forward call is one slot's next chunk, right-padded to the longest chunk with pads at
    position -1 (never stored, never attended), so a burst of new requests is prefilled as one batch, not
    one slot after another, and a short prompt beside a 4,000-token one gets its first token within a step
    or two. A long prompt is fed a chunk per step between the decode steps, so it delays the others by a
-   chunk's time, not by its whole length. A prompt's last chunk gives its first token;
+   chunk's time, not by its whole length: the smaller `step_tokens`, the less it stretches their token
+   gaps (each prompt still gets `MIN_CHUNK` tokens a step, so a burst is not served a few at a time). A
+   prompt's last chunk gives its first token;
 5. sample each new token with its request's own `Sampler` (its parameters, its seeded generator, its
    repetition history), and finish a request at a stop id, at `max_new_tokens` or at the context limit.
    Its slot is free for the next step.
@@ -72,7 +74,7 @@ DEFAULT_SLOTS = 8
 DEFAULT_STEP_TOKENS = 256
 DEFAULT_CONTEXT = 8192
 PREFIX_BLOCK = 64  # prefix reuse works in whole blocks of this many prompt tokens
-MIN_CHUNK = 16  # a prefill call takes at most budget // MIN_CHUNK slots: tiny chunks are mostly overhead
+MIN_CHUNK = 16  # prompt tokens a step gives each prompt being prefilled, at least
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
 
 
@@ -413,23 +415,22 @@ class Engine:
         self.active[slot] = req
 
     def _prefill(self, budget: int) -> None:
-        """Feed prompt chunks of the prefilling slots together, as rows of one forward call.
+        """Feed the next chunk of every prompt still being prefilled, all as rows of one forward call.
 
-        A burst of new prompts is thus prefilled as one batch rather than one slot after another, and the
-        slots share the step's budget equally, so a short prompt is through in a step or two even beside a
-        long one. When the budget cannot give each slot `MIN_CHUNK` tokens, the oldest prompt goes first
-        (none waits forever), then those nearest their first token. A batch is padded to its longest chunk
-        and the pads count against the budget: they cost as much as tokens. A second call runs when the
-        first left budget over (chunks cut short at a block boundary, or prompts finished).
+        A burst of new prompts is thus prefilled as one batch rather than one slot after another. The
+        prompts share the budget equally, so a short one is through in a step or two even beside a long
+        one; but each gets at least `MIN_CHUNK` tokens (or `step_tokens` if smaller), so when many wait,
+        the step grows rather than serving them a few at a time, which would let the first ones start
+        decoding and slow every later step. A batch is padded to its longest chunk and the pads count
+        against the budget: they cost as much as tokens. A second call runs when the first left budget
+        over (chunks cut short at a block boundary, or prompts finished).
         """
         while budget > 0:
-            pending = [r for r in self.active if r is not None and r.fed < len(r.prompt)]
-            if not pending:
+            reqs = [r for r in self.active if r is not None and r.fed < len(r.prompt)]
+            if not reqs:
                 return
-            oldest = min(pending, key=lambda r: r.submitted)
-            rest = sorted((r for r in pending if r is not oldest), key=lambda r: (len(r.prompt) - r.fed, r.submitted))
-            reqs = [oldest, *rest][:max(1, budget // MIN_CHUNK)]
-            chunks = [self._chunk(r, max(1, budget // len(reqs))) for r in reqs]
+            share = max(min(MIN_CHUNK, self.step_tokens), budget // len(reqs))
+            chunks = [self._chunk(r, share) for r in reqs]
             self._feed(reqs, chunks)
             budget -= len(reqs) * max(len(c) for c in chunks)
 

@@ -238,7 +238,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model):
         engine.step()
         steps += 1
         assert [len(r.tokens) for r in short] == [b + 1 for b in before]  # nobody waited for the prefill
-    assert steps >= 200 // 16  # the prompt took many steps, at most 14 prompt tokens each
+    assert steps >= 200 // 16  # the prompt took many steps, at most 16 prompt tokens each (MIN_CHUNK)
     run_all(engine)
     assert long.tokens == lone(model, prompt(200, seed=8), 5)
     assert [r.tokens for r in short] == [lone(model, prompt(n, seed=8), 40) for n in (3, 7)]
@@ -339,3 +339,22 @@ def test_a_short_prompt_is_not_held_behind_a_long_one(model, monkeypatch):
     run_all(engine)
     assert long.tokens == lone(model, prompt(200, seed=27), 5) and short.tokens == lone(model, prompt(5, seed=27), 5)
     assert [r.tokens for r in running] == [lone(model, prompt(n, seed=26), 60) for n in (4, 6)]
+
+
+def test_a_burst_beyond_the_budget_is_prefilled_together(model, monkeypatch):
+    """Six 40-token prompts at once with a 32-token budget: each still gets MIN_CHUNK tokens a step, in one
+    call, so all six get their first token in the same (third) step rather than a few at a time."""
+    from nanogemma.engine import MIN_CHUNK
+
+    prompts = [prompt(40, seed=30 + i) for i in range(6)]
+    engine = Engine(model, slots=6, max_len=64, step_tokens=32)
+    calls = record_feeds(engine, monkeypatch)
+    reqs = [engine.submit(Request(p, 6)) for p in prompts]
+    for _ in range(2):
+        engine.step()
+    assert not any(r.tokens for r in reqs)
+    engine.step()
+    assert all(len(r.tokens) == 1 for r in reqs)
+    assert calls == [[(s, n) for s in range(6)] for n in (MIN_CHUNK, MIN_CHUNK, 40 - 2 * MIN_CHUNK)]
+    run_all(engine)
+    assert [r.tokens for r in reqs] == [lone(model, p, 6) for p in prompts]
