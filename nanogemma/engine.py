@@ -146,8 +146,10 @@ class SlotLayerCache(nn.Module):
                 self.k[slot, :, start:start + n] = k[i, :, :n]
                 self.v[slot, :, start:start + n] = v[i, :, :n]
                 self.pos[slot, start:start + n] = pos[i, :n]
-            end = max(start + n for _, start, n in plan.chunks)  # the longest row's history; shorter
-            keys, values, kpos = self.k[sel, :, :end], self.v[sel, :, :end], self.pos[sel, :end]  # ones masked
+            # Every row sees the first `end` entries of its slot, as many as the longest history needs: a
+            # shorter history's extra entries are empty (position -1), so the mask hides them.
+            end = max(start + n for _, start, n in plan.chunks)
+            keys, values, kpos = self.k[sel, :, :end], self.v[sel, :, :end], self.pos[sel, :end]
             mask = plan.masks.get(None)
             if mask is None:  # every global layer holds the same positions: one mask serves them all
                 mask = plan.masks[None] = attention_mask(pos, kpos, None)
@@ -455,9 +457,11 @@ class Engine:
         self.cache.plan_chunks([r.slot for r in reqs], [len(c) for c in chunks])
         hidden = self.model.hidden(ids.to(device), pos.to(device), self.cache)
         done = [i for i, (r, c) in enumerate(zip(reqs, chunks, strict=True)) if r.fed + len(c) == len(r.prompt)]
+        logits: dict[int, Tensor] = {}
         if done:  # the head only for rows whose prompt ends here, at each one's last real token
             last = torch.tensor([len(chunks[i]) - 1 for i in done], device=device)
-            logits = self.model.logits(hidden[torch.tensor(done, device=device), last]).float()
+            logits = dict(zip(done, self.model.logits(hidden[torch.tensor(done, device=device), last]).float(),
+                              strict=True))
         for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
             self.cache.lengths[req.slot] += len(chunk)
             req.fed += len(chunk)
@@ -465,8 +469,8 @@ class Engine:
             if (self.prefixes is not None and req.fed % PREFIX_BLOCK == 0 and req.fed < len(req.prompt)
                     and req.prompt[:req.fed] not in self.prefixes):
                 self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(req.slot))
-            if i in done:
-                self._emit(req, logits[done.index(i)][None])
+            if i in logits:
+                self._emit(req, logits[i][None])
 
     def _decode(self, decoding: list[Request]) -> None:
         rows = self.slots if self.cache.static else max(r.slot for r in decoding) + 1
