@@ -8,7 +8,9 @@
 Each server is started in its own process on the official 270M GGUF, serves every concurrency level, then is
 stopped. A level runs `c` clients at once, each sending `--requests-per-client` streamed `/v1/completions`
 requests one after another (the same prompts for every server: the bench prompt cut to `--prompt-tokens`
-tokens, each client's prompt differing in its first word, greedy, `max_tokens` fixed). Per level it reports
+tokens, greedy, `max_tokens` fixed). Every request's prompt begins with its own words (a name and the
+level, client and request numbers), so no two share more than a few tokens and a server's prompt cache
+cannot skip work the others do, except on the system prompt when one is asked for. Per level it reports
 aggregate output tokens/s (all tokens over the level's wall time) and its ratio to the concurrency-1 level,
 p50/p95 time to first token, p50/p95 gap between streamed tokens (ITL), and errors. Output tokens are the
 server's own `usage` where it reports one, else the streamed chunks with text. Times are taken by the client
@@ -170,17 +172,18 @@ def ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000, 1)
 
 
-def run_level(port: int, model: str, prompts: list[str], c: int, per_client: int, max_tokens: int,
+def run_level(port: int, model: str, prompt_for: Callable[[int, int], str], c: int, per_client: int, max_tokens: int,
               long_prompt: str | None = None, long_max_tokens: int = 8, timeout: float = 600) -> dict:
-    """`c` clients at once, `per_client` requests each; with `long_prompt`, one more request with it, sent
-    once every client has its first token (so the others are decoding while it is prefilled)."""
+    """`c` clients at once, `per_client` requests each (client i's j-th prompt: `prompt_for(i, j)`); with
+    `long_prompt`, one more request with it, sent once every client has its first token (so the others are
+    decoding while it is prefilled)."""
     results: list[dict] = []
     lock = threading.Lock()
     first = threading.Semaphore(0)  # released once per first token
 
     def client(i: int) -> None:
         for j in range(per_client):
-            out = one_request(port, model, prompts[(i * per_client + j) % len(prompts)], max_tokens, timeout,
+            out = one_request(port, model, prompt_for(i, j), max_tokens, timeout,
                               on_first=first.release if j == 0 else None)
             if "error" in out and j == 0:
                 first.release()  # a failed client must not hold the long prompt back forever
@@ -274,21 +277,28 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def build_prompts(tok, args) -> tuple[list[str], str | None]:
-    """The clients' prompts (a different first word each, after the shared system prompt if any) and the
-    long prompt (another text, so that it shares no prefix with them)."""
-    from nanogemma.tools.bench import PROMPT_TEXT
+class Prompts:
+    """The bench's prompts: `--prompt-tokens` of the bench text after a header of its own for every request
+    (so none shares a prefix with another), after the shared system prompt if any; and the long prompt,
+    another text, its header naming its level."""
 
-    def cut(text: str, n: int) -> str:
-        ids = tok.encode(text * (n // 30 + 2), add_bos=False)[:n]
-        return tok.decode(ids)
+    WORDS = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel"]
 
-    words = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel"]
-    base = cut(PROMPT_TEXT, args.prompt_tokens - 2)
-    system = cut(SYSTEM_TEXT, args.system_prompt) + "\n\n" if args.system_prompt else ""
-    prompts = [f"{system}{w}. {base}" for w in words]
-    long = "Zulu. " + cut(LONG_TEXT, args.long_prompt - 3) if args.long_prompt else None
-    return prompts, long
+    def __init__(self, tok, prompt_tokens: int, system_tokens: int = 0, long_tokens: int = 0):
+        from nanogemma.tools.bench import PROMPT_TEXT
+
+        def cut(text: str, n: int) -> str:
+            return tok.decode(tok.encode(text * (n // 30 + 2), add_bos=False)[:max(n, 1)])
+
+        self.base = cut(PROMPT_TEXT, prompt_tokens - 11)  # <bos> and the header take about 11 tokens
+        self.system = cut(SYSTEM_TEXT, system_tokens) + "\n\n" if system_tokens else ""
+        self.long_text = cut(LONG_TEXT, long_tokens - 8) if long_tokens else None
+
+    def client(self, tag: str, i: int, j: int) -> str:
+        return f"{self.system}{self.WORDS[i % len(self.WORDS)]} {tag}.{i}.{j}. {self.base}"
+
+    def long(self, tag: str) -> str | None:
+        return None if self.long_text is None else f"Zulu {tag}. {self.long_text}"
 
 
 SYSTEM_TEXT = ("You are a careful assistant for a maritime museum. Answer in plain English, cite the exhibit "
@@ -330,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     args.context = max(args.context, need, args.long_prompt + args.long_max_tokens + 16)
 
     gguf = Path(args.model) if args.model else default_gguf_path()
-    prompts, long_prompt = build_prompts(load_tokenizer(gguf), args)
+    prompts = Prompts(load_tokenizer(gguf), args.prompt_tokens, args.system_prompt, args.long_prompt)
     levels = [int(x) for x in args.concurrency.split(",")]
     runs = []  # (server, label, prefix cache)
     for name in args.servers.split(","):
@@ -347,16 +357,18 @@ def main(argv: list[str] | None = None) -> None:
         log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server would fill it and block
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
-            if not wait_ready(port, model, prompts[0], proc, args.start_timeout):
+            if not wait_ready(port, model, prompts.client("warm-up", 0, 0), proc, args.start_timeout):
                 log.seek(0)
                 err = log.read()[-400:] if proc.poll() is not None else "no answer"
                 rows.append({"server": label, "error": f"did not start: {err}"})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             for c in levels:
-                for with_long in ([False, True] if long_prompt else [False]):
-                    level = run_level(port, model, prompts, c, args.requests_per_client, args.max_tokens,
-                                      long_prompt if with_long else None, args.long_max_tokens,
+                for with_long in ([False, True] if args.long_prompt else [False]):
+                    tag = f"{c}{'L' if with_long else ''}"  # fresh prompts for each run of each level
+                    level = run_level(port, model, lambda i, j, tag=tag: prompts.client(tag, i, j), c,
+                                      args.requests_per_client, args.max_tokens,
+                                      prompts.long(tag) if with_long else None, args.long_max_tokens,
                                       args.request_timeout)
                     row = {"server": label, "base_server": name, "prefix_cache": prefix_cache,
                            "system_prompt": args.system_prompt, "long_prompt": args.long_prompt if with_long else 0,

@@ -61,12 +61,12 @@ def port():
 
 def test_a_level_counts_every_request_and_the_long_prompt_apart(bench, port):
     Stub.seen.clear()
-    row = bench.run_level(port, "m", ["p0", "p1", "p2"], 3, 2, 5, long_prompt="LONG", long_max_tokens=2)
+    row = bench.run_level(port, "m", lambda i, j: f"p{i}.{j}", 3, 2, 5, long_prompt="LONG", long_max_tokens=2)
     assert row["requests"] == 6 and row["errors"] == 0 and row["tokens"] == 30  # the long one not among them
-    assert sorted(Stub.seen) == sorted(["p0", "p1", "p2"] * 2 + ["LONG"])
+    assert sorted(Stub.seen) == sorted([f"p{i}.{j}" for i in range(3) for j in range(2)] + ["LONG"])
     assert row["long_error"] is None and row["long_ttft_s"] >= 0 and row["gaps_during_long"] >= 0
     assert row["ttft_p50_s"] <= row["ttft_p95_s"] and row["itl_p50_ms"] <= row["itl_p95_ms"]
-    bad = bench.run_level(port, "m", ["bad"], 2, 1, 5, long_prompt="LONG")  # failed clients free the long one
+    bad = bench.run_level(port, "m", lambda i, j: "bad", 2, 1, 5, long_prompt="LONG")  # failed clients free the long one
     assert bad["errors"] == 2 and "HTTP 400" in bad["first_error"][0] and bad["long_error"] is None
 
 
