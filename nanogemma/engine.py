@@ -39,9 +39,10 @@ attention sees its own history and nothing else, whatever the other slots hold.
 **Prefix reuse** (`prefix_cache=N`). Requests often share a beginning (a system prompt, a few-shot
 preamble). Prompts are then prefilled in chunks that end on multiples of `PREFIX_BLOCK` tokens where they
 can (the last boundary a step's budget reaches, and the last one before the prompt's end); after a chunk
-that ends on one, the slot's cache rows are copied aside, keyed by the tokens so far (at most N copies,
-least recently used out). A new request starts from the longest copy that begins its prompt: its slot
-gets the copy's rows, bit for bit what feeding those tokens wrote, and only the rest is prefilled.
+that ends on one, the slot's cache rows are copied aside, keyed by the tokens so far (at most N copies;
+those that never served a request go first, see `PrefixCache`). A new request starts from the longest copy
+that begins its prompt: its slot gets the copy's rows, bit for bit what feeding those tokens wrote, and only
+the rest is prefilled.
 
 **Exactness.** A slot computes what a lone `generate` computes: same positions, same keys, masked the same
 way. The numbers can differ only in the last bits of float arithmetic, where a batched or differently
@@ -239,29 +240,47 @@ class SlotCache(nn.Module):
 
 
 class PrefixCache:
-    """Snapshots of a slot's cache after a prompt's first k * PREFIX_BLOCK tokens, least recently used out."""
+    """Snapshots of a slot's cache after a prompt's first k * PREFIX_BLOCK tokens, at most `capacity`.
+
+    Most stored prefixes are never asked for again (each prompt's own tail); a shared one (a system prompt)
+    is asked for by every request that begins with it. Plain least-recently-used would let a burst of new
+    prompts' tails push the shared one out before the next request comes, so eviction is segmented: a
+    prefix that has served a request moves to a protected part (at most half the capacity, its own least
+    recently used sent back when full), and new prefixes, still unproven, are evicted first.
+    """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.entries: collections.OrderedDict[tuple[int, ...], list] = collections.OrderedDict()
+        self.probation: collections.OrderedDict[tuple[int, ...], list] = collections.OrderedDict()
+        self.protected: collections.OrderedDict[tuple[int, ...], list] = collections.OrderedDict()
+
+    @property
+    def entries(self) -> dict[tuple[int, ...], list]:
+        return {**self.probation, **self.protected}
 
     def longest(self, prompt: Sequence[int]) -> tuple[int, list | None]:
         """The longest stored prefix of `prompt` that leaves at least one token to feed (for the logits)."""
         for n in range(((len(prompt) - 1) // PREFIX_BLOCK) * PREFIX_BLOCK, 0, -PREFIX_BLOCK):
-            rows = self.entries.get(tuple(prompt[:n]))
+            key = tuple(prompt[:n])
+            rows = self.protected.get(key)
             if rows is not None:
-                self.entries.move_to_end(tuple(prompt[:n]))
+                self.protected.move_to_end(key)
+            elif (rows := self.probation.pop(key, None)) is not None:
+                self.protected[key] = rows
+                if len(self.protected) > self.capacity // 2:
+                    old, old_rows = self.protected.popitem(last=False)
+                    self.probation[old] = old_rows
+            if rows is not None:
                 return n, rows
         return 0, None
 
     def put(self, prefix: Sequence[int], rows: list) -> None:
-        self.entries[tuple(prefix)] = rows
-        self.entries.move_to_end(tuple(prefix))
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+        self.probation[tuple(prefix)] = rows
+        while len(self.probation) + len(self.protected) > self.capacity:
+            (self.probation or self.protected).popitem(last=False)
 
     def __contains__(self, prefix: Sequence[int]) -> bool:
-        return tuple(prefix) in self.entries
+        return tuple(prefix) in self.probation or tuple(prefix) in self.protected
 
 
 # ------------------------------------------------------------------------------------------ requests

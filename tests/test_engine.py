@@ -358,3 +358,29 @@ def test_a_burst_beyond_the_budget_is_prefilled_together(model, monkeypatch):
     assert calls == [[(s, n) for s in range(6)] for n in (MIN_CHUNK, MIN_CHUNK, 40 - 2 * MIN_CHUNK)]
     run_all(engine)
     assert [r.tokens for r in reqs] == [lone(model, p, 6) for p in prompts]
+
+
+def test_a_prefix_that_served_a_request_outlives_a_burst_of_new_ones():
+    """Eviction is segmented: prompts' own tails (never asked for again) churn among themselves, and a prefix
+    that has served a request stays while they do; least recently used still goes first within each part."""
+    from nanogemma.engine import PREFIX_BLOCK, PrefixCache
+
+    cache = PrefixCache(4)
+    shared = list(range(PREFIX_BLOCK))
+    cache.put(shared, ["rows"])
+    assert cache.longest(shared + [1]) == (PREFIX_BLOCK, ["rows"])  # a hit: protected now
+    tails = [[t] * PREFIX_BLOCK for t in range(1000, 1010)]
+    for tail in tails:
+        cache.put(tail, [tail[0]])
+    assert shared in cache and tails[-1] in cache and tails[-3] in cache and tails[-4] not in cache
+    assert cache.longest(tails[0] + [1]) == (0, None) and len(cache.entries) == 4
+    for tail in tails[-3:-1]:  # two more hits: the protected half holds 2, its least recently used goes back
+        cache.longest(tail + [1])
+    cache.put([7] * PREFIX_BLOCK, ["new"])
+    cache.put([8] * PREFIX_BLOCK, ["new"])
+    assert shared not in cache and tails[-3] in cache and tails[-2] in cache
+    one = PrefixCache(1)  # capacity 1: plain least recently used, a new prefix always gets in
+    one.put(shared, ["rows"])
+    one.longest(shared + [1])
+    one.put(tails[0], ["tail"])
+    assert tails[0] in one and shared not in one
