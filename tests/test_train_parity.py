@@ -109,6 +109,7 @@ def test_training_losses_agree_with_transformers_over_several_steps():
     assert r.ours_losses[0] == pytest.approx(r.hf_losses[0], abs=1e-5)
     assert r.max_loss_diff < 1e-4
     assert all(math.isfinite(v) for v in r.hf_losses)
+    assert r.hf_attention == "sdpa"  # transformers' default kernel, as its users train with it
 
 
 @pytest.mark.slow
