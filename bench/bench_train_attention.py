@@ -13,6 +13,8 @@ runs it (float32, no optimizer: attention does not touch it). The dense path is 
 (1, 1, T, T) masks per forward (sliding, global), built once and handed to SDPA by every layer; the bench
 routes the model's attention through them (`dense_attention`), model.py has no switch for it. Each (path, T)
 is a fresh process; its peak is the resident memory above the model and its gradients (allocated first).
+Both paths' peaks include the fused loss's vocabulary-sized buffers (the head's V × d gradient, then the
+embedding's: about 2 GiB at 262,144 × 640), so the difference of the two is attention's.
 `--quick` runs the same logic on the tiny shape (seconds; what the tests run).
 
     nice -n 0 python bench/bench_train_attention.py --whole-model --lengths 2048 8192 --repeats 2
