@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..model import Gemma
 
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # logits per chunk: ~16 MB on CPU (cache), 256 MB on GPU
-MIN_ROWS = 64
+MIN_ROWS = 256  # see the chunk rule in fused_linear_cross_entropy (measured in docs/BENCHMARKS.md)
 
 
 class TrainingGemma(Gemma):
@@ -109,8 +109,10 @@ def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
         h, y = h[keep], y[keep]
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-    # Rows per chunk: a memory budget, but at least 64, the inner dimension of the head-gradient matmul
-    # below which accumulating into the V × d gradient costs more memory traffic than the matmul saves.
+    # Rows per chunk: a memory budget, but at least MIN_ROWS, the inner dimension of the head-gradient
+    # matmul. Each chunk reads and rewrites the whole V × d gradient (671 MB for Gemma's head), so with
+    # few rows per chunk that traffic, not the matmul, sets the pace; a 256-row chunk of Gemma's logits
+    # is 268 MB, still a fraction of the 2.1 GB the plain path holds three times over for 2,048 tokens.
     chunk = max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // w.shape[0])
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
