@@ -49,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vocab = args.vocab or 768
         tokens = np.random.default_rng(0).integers(0, vocab, 2_000_000).astype(np.uint32)
-    cfg = model_config(TrainConfig(model=args.model), vocab)
+    cfg = model_config(TrainConfig(model=args.model, seq_len=args.seq_len), vocab)  # room for --seq-len
     r = run(cfg, tokens, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
             dtype=getattr(torch, args.dtype), compare=not args.no_compare, compile=args.compile,
             warmup=args.warmup, device=args.device)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {r.threads} thread(s)"
     print(f"model {args.model} (vocab {cfg.vocab_size:,}), {r.tokens_per_step:,} tokens/step, {r.dtype}, {where}"
           f"{', ours compiled' if r.compiled else ''}")
+    print("  attention: ours attention.py (sliding layers in W-wide key blocks, global causal SDPA)"
+          + (f"; transformers {r.hf_attention}" if r.hf_attention else ""))
     print(f"  nanogemma     {r.ours_tokens_per_s:10,.0f} tokens/s" +
           (f"   MFU {r.ours_mfu:.1%}" if r.ours_mfu is not None else ""))
     if r.hf_tokens_per_s is not None:

@@ -734,6 +734,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "(streaming or not), GET /v1/models, /health, /metrics, and a chat page at /. "
                                    "Requests share the model in slots (continuous batching). Needs the [serve] extra.")
     _add_model_flags(p)
+    _add_adapter_flag(p)
     p.add_argument("--quantize", default=None, choices=["int8", "int8-wo"],
                    help="int8 weights (int8-wo keeps batched answers equal to lone ones; see nanogemma/engine.py)")
     p.add_argument("--compile", action="store_true",
@@ -761,7 +762,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     return serve(args.model, args.host, args.port, args.dtype, args.device, args.quantize, args.slots,
                  args.max_queue, args.api_key, args.context, args.step_tokens, args.timeout,
-                 compile=args.compile, log_level=args.log_level, prefix_cache=args.prefix_cache)
+                 compile=args.compile, log_level=args.log_level, prefix_cache=args.prefix_cache,
+                 adapter=args.adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -619,11 +619,12 @@ def prometheus_text(state: ServerState) -> str:
 def load_engine(model: str | None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None,
                 slots: int = DEFAULT_SLOTS, max_queue: int = 64, context: int | None = None,
                 step_tokens: int = DEFAULT_STEP_TOKENS, compile: bool = False,
-                prefix_cache: int = DEFAULT_PREFIX_CACHE):
-    """Load a model as `generate` does and wrap it in an engine: (engine, tokenizer)."""
+                prefix_cache: int = DEFAULT_PREFIX_CACHE, adapter: str | None = None):
+    """Load a model as `generate` does (a LoRA `adapter` merged in first) and wrap it in an engine:
+    (engine, tokenizer)."""
     from .weights import load_for_inference
 
-    m, tok = load_for_inference(model, dtype, device, quantize, pack=not compile)
+    m, tok = load_for_inference(model, dtype, device, quantize, pack=not compile, adapter=adapter)
     return Engine(m, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue,
                   compile=compile, pad_id=getattr(tok, "pad_id", 0) or 0, prefix_cache=prefix_cache), tok
 
@@ -632,8 +633,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
           device: str = "cpu", quantize: str | None = None, slots: int = DEFAULT_SLOTS, max_queue: int = 64,
           api_key: str | None = None, context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
           timeout: float = DEFAULT_TIMEOUT, max_body: int = DEFAULT_MAX_BODY, compile: bool = False,
-          log_level: str = "info", prefix_cache: int = DEFAULT_PREFIX_CACHE) -> int:
-    """Run the server until interrupted. The port opens at once; /health answers 503 until the model is loaded."""
+          log_level: str = "info", prefix_cache: int = DEFAULT_PREFIX_CACHE, adapter: str | None = None) -> int:
+    """Run the server until interrupted. The port opens at once; /health answers 503 until the model is loaded.
+    `adapter`, a LoRA folder (peft's or a LoRA run), is merged into the model as `generate --adapter` does."""
     try:
         import uvicorn
     except ImportError:
@@ -643,13 +645,17 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
         raise NanogemmaError(f"--port must be in 1..65535, got {port}")
     if not timeout > 0:
         raise NanogemmaError(f"--timeout must be > 0 seconds, got {timeout}")
-    state = ServerState(model_id=model_name(model), api_key=api_key or None, max_body=max_body, timeout=timeout)
+    if adapter is not None:  # read here too (adapters are small): a wrong folder is one line, not a 500 at /health
+        from .lora import read_adapter
+
+        read_adapter(adapter)
+    state = ServerState(model_id=model_name(model, adapter), api_key=api_key or None, max_body=max_body, timeout=timeout)
     state.chat_template = load_chat_template(model)
 
     def load() -> None:
         try:
             state.start(*load_engine(model, dtype, device, quantize, slots, max_queue, context, step_tokens, compile,
-                                    prefix_cache))
+                                    prefix_cache, adapter))
         except Exception as e:  # reported by /health and every call, as a NanogemmaError would be
             state.load_error = f"the model failed to load: {e}"
 
@@ -663,8 +669,16 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
     return 0
 
 
-def model_name(model: str | None) -> str:
-    """The id /v1/models reports: the preset name, or the file or folder's name."""
+def model_name(model: str | None, adapter: str | None = None) -> str:
+    """The id /v1/models reports: the preset name, or the file or folder's name (a run's checkpoint as
+    RUN/last); with an adapter, BASE+ADAPTER (gemma3-270m+my-lora)."""
+    if adapter is not None:
+        return f"{model_name(model)}+{model_name(adapter)}"
     if model is None:
         return "gemma3-270m"
-    return Path(model).stem if Path(model).suffix == ".gguf" else Path(model.rstrip("/")).name or model
+    path = Path(model.rstrip("/") or model)
+    if path.suffix == ".gguf":
+        return path.stem
+    if (path / "nanogemma.json").is_file() and path.parent.name and (path.parent / "nanogemma.json").is_file():
+        return f"{path.parent.name}/{path.name}"  # RUN_DIR/last, RUN_DIR/best: "last" alone names nothing
+    return path.name or model

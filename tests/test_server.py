@@ -373,6 +373,70 @@ def test_cli_serve_bad_flags():
     assert proc.stderr.startswith("nanogemma: error:") and "--slots" in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_hf_folder, tmp_path_factory) -> Path:
+    """A peft folder for the tiny model: rank-2 adapters on every projection, B random (a real correction)."""
+    from nanogemma import lora
+    from nanogemma.weights import build_model, load_state
+
+    model = lora.apply_lora(build_model(*load_state(tiny_hf_folder)[:2]), lora.LoRAConfig(rank=2, alpha=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, p in lora.adapter_state(model).items():
+            if k.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return lora.save_peft(tmp_path_factory.mktemp("serve-adapter") / "my-lora", lora.LoRAConfig(rank=2, alpha=4),
+                          lora.adapter_state(model), str(tiny_hf_folder))
+
+
+def test_served_adapter_equals_generate_with_it(server, tiny_hf_folder, tiny_adapter, capsys):
+    """serve's loader applies --adapter as generate's does: the greedy completions agree token for token
+    (one loader, `load_for_inference`), and differ from the base model's; /v1/models names base+adapter."""
+    from nanogemma import cli
+    from nanogemma.server import model_name
+
+    prompt, n = "Once upon a time", 12
+    engine, tok = load_engine(str(tiny_hf_folder), slots=2, context=256, step_tokens=64, adapter=str(tiny_adapter))
+    state = ServerState(model_name(str(tiny_hf_folder), str(tiny_adapter)), max_body=64 * 1024, timeout=60)
+    state.start(engine, tok)
+    running = Running(state)
+    try:
+        assert running.request("GET", "/v1/models")[2]["data"][0]["id"] == f"{tiny_hf_folder.name}+my-lora"
+        status, _, payload = running.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": n,
+                                                                          "temperature": 0})
+        assert status == 200, payload
+        served = payload["choices"][0]["text"]
+    finally:
+        running.close()
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(tiny_hf_folder), "--adapter", str(tiny_adapter),
+                     "--max-new-tokens", str(n), prompt]) == 0
+    assert capsys.readouterr().out == served + "\n"
+    base = server.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": n, "temperature": 0})[2]
+    assert base["choices"][0]["text"] != served  # the adapter is applied, not ignored
+
+
+def test_served_model_names(tmp_path):
+    from nanogemma.server import model_name
+
+    run = tmp_path / "my-run"
+    (run / "last").mkdir(parents=True)
+    for folder in (run, run / "last"):
+        (folder / "nanogemma.json").write_text("{}")
+    assert model_name(None) == "gemma3-270m" and model_name(str(tmp_path / "m.Q8_0.gguf")) == "m.Q8_0"
+    assert model_name(str(run)) == "my-run" and model_name(str(run / "last") + "/") == "my-run/last"
+    assert model_name(None, str(run)) == "gemma3-270m+my-run"
+
+
+def test_cli_serve_bad_adapter_is_one_line(capsys):
+    """A folder that is no adapter fails before the port opens (nothing is loaded): one line, exit 1."""
+    from nanogemma import cli
+
+    assert cli.main(["serve", "--adapter", str(Path(__file__).parent), "--port", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nanogemma: error:") and "is not a LoRA adapter" in err and len(err.splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------------------ under load
 
 

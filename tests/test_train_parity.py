@@ -109,6 +109,7 @@ def test_training_losses_agree_with_transformers_over_several_steps():
     assert r.ours_losses[0] == pytest.approx(r.hf_losses[0], abs=1e-5)
     assert r.max_loss_diff < 1e-4
     assert all(math.isfinite(v) for v in r.hf_losses)
+    assert r.hf_attention == "sdpa"  # transformers' default kernel, as its users train with it
 
 
 @pytest.mark.slow
@@ -119,3 +120,29 @@ def test_compiled_training_step_matches_eager():
     eager = run(cfg, tokens, steps=3, warmup=0, batch_size=4, seq_len=32, compare=False)
     compiled = run(cfg, tokens, steps=3, warmup=0, batch_size=4, seq_len=32, compare=False, compile=True)
     assert compiled.ours_losses == pytest.approx(eager.ours_losses, abs=1e-5)
+
+
+def test_evaluation_sums_in_chunks_equal_the_full_logits(small_chunks):
+    """Evaluation applies the head a chunk of rows at a time (the full N x V logits of a Gemma validation
+    batch are GBs); its loss sum, argmax hits and target count equal a float64 reference of the full logits."""
+    cfg = model_config(TrainConfig(model="tiny"), 320)
+    model = TrainingGemma(cfg).init_weights(seed=0).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    y[0, :15] = -100  # prompt tokens of chat data: not targets
+    with torch.no_grad():
+        model.features_only = True
+        h = model(x).double().reshape(-1, cfg.hidden_size)
+        model.features_only = False
+    logits = h @ model.head_weight().double().t()
+    yy, keep = y.reshape(-1), y.reshape(-1) >= 0
+    ref_loss = F.cross_entropy(logits[keep], yy[keep], reduction="sum").item()
+    top2 = logits[keep].topk(2, dim=-1).values
+    ambiguous = int(((top2[:, 0] - top2[:, 1]) < 1e-4).sum())  # argmax ties float32 may break either way
+    ref_correct = int((logits[keep].argmax(-1) == yy[keep]).sum())
+    for fused in (True, False):
+        with torch.no_grad():
+            loss, correct, count = LanguageModelLoss(model, fused=fused).sums(model, x, y).tolist()
+        assert count == int(keep.sum()) == 65
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert abs(correct - ref_correct) <= ambiguous

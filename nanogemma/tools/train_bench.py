@@ -42,6 +42,7 @@ class BenchResult:
     threads: int
     dtype: str
     compiled: bool
+    hf_attention: str | None = None  # the kernel transformers ran ("sdpa", its default); ours is attention.py
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,5 +108,6 @@ def run(cfg: GemmaConfig, tokens: np.ndarray, steps: int = 10, batch_size: int =
     diff = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"], strict=True)) if compare else None
     return BenchResult(per_step, tps["ours"], tps.get("hf"), tps["ours"] / tps["hf"] if compare else None,
                        losses["ours"], losses.get("hf"), diff, mfu, torch.get_num_threads(),
-                       str(dtype).removeprefix("torch."), compile)
+                       str(dtype).removeprefix("torch."), compile,
+                       models["hf"].config._attn_implementation if compare else None)
 

@@ -390,7 +390,8 @@ class Run(Loop):
                                         world.device)
         self.scaler = torch.amp.GradScaler(world.device.type) if self.dtype == torch.float16 else None
         # The head fused into the loss, except under FSDP2, where the head's weight is whole only inside forward.
-        self.loss_fn = self.loss_fn or LanguageModelLoss(self.model, fused=not cfg.fsdp)
+        self.eval_loss = LanguageModelLoss(self.model, fused=not cfg.fsdp)  # evaluation: never an injected loss
+        self.loss_fn = self.loss_fn or self.eval_loss
 
     def peak_flops(self) -> float | None:
         return peak_flops(self.world.device, self.dtype, self.cfg.peak_tflops)
@@ -412,7 +413,7 @@ class Run(Loop):
     def evaluate_windows(self) -> EvalResult:
         cfg = self.cfg
         return evaluate(self.forward, self.data.val, self.val_offsets, cfg.seq_len, cfg.batch_size, self.world,
-                        self.dtype, self.windows)
+                        self.dtype, self.windows, self.eval_loss)
 
     def generate(self, ids: list[int], stop_ids: set[int]) -> list[int]:
         from ..generation import generate_ids

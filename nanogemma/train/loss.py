@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..model import Gemma
 
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # logits per chunk: ~16 MB on CPU (cache), 256 MB on GPU
-MIN_ROWS = 64
+MIN_ROWS = 256  # see the chunk rule in fused_linear_cross_entropy (measured in docs/BENCHMARKS.md)
 
 
 class TrainingGemma(Gemma):
@@ -109,11 +109,35 @@ def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
         h, y = h[keep], y[keep]
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-    # Rows per chunk: a memory budget, but at least 64, the inner dimension of the head-gradient matmul
-    # below which accumulating into the V × d gradient costs more memory traffic than the matmul saves.
+    # Rows per chunk: a memory budget, but at least MIN_ROWS, the inner dimension of the head-gradient
+    # matmul. Each chunk reads and rewrites the whole V × d gradient (671 MB for Gemma's head), so with
+    # few rows per chunk that traffic, not the matmul, sets the pace; a 256-row chunk of Gemma's logits
+    # is 268 MB, still a fraction of the 2.1 GB the plain path holds three times over for 2,048 tokens.
     chunk = max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // w.shape[0])
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
+
+
+@torch.no_grad()
+def linear_cross_entropy_sums(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
+    """[loss sum, correct argmax, counted targets] (float64) of the logits h @ wᵀ against y, a chunk of rows
+    at a time: what evaluation needs, without the N × V logits (for a validation batch of 2,048 Gemma
+    tokens those are 2.1 GB, and cross_entropy's log-softmax would add another). Targets below 0 are
+    skipped; the matmul runs in the autocast dtype, as in the fused loss."""
+    keep = y >= 0
+    h, y = h[keep], y[keep]
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    chunk = max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // w.shape[0])
+    sums = torch.zeros(3, dtype=torch.float64, device=h.device)
+    wc = w.to(dtype)
+    with torch.autocast(dev, enabled=False):
+        for s in range(0, h.shape[0], chunk):
+            logits, yc = (h[s:s + chunk].to(dtype) @ wc.t()).float(), y[s:s + chunk]
+            sums[0] += F.cross_entropy(logits, yc, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == yc).sum()
+    sums[2] = h.shape[0]
+    return sums
 
 
 def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
@@ -141,3 +165,20 @@ class LanguageModelLoss:
         finally:
             self.raw.features_only = False
         return fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), self.raw.head_weight(), targets.reshape(-1))
+
+    def sums(self, model: nn.Module, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Evaluation's [loss sum, correct, targets] for one batch (no gradients), the head applied in chunks
+        when fused."""
+        y = targets.reshape(-1)
+        if not self.fused:
+            logits = model(inputs, positions)
+            flat = logits.float().reshape(-1, logits.size(-1))
+            keep = y >= 0  # -100: not a target (prompt tokens of chat data, padding)
+            return torch.stack([F.cross_entropy(flat, y, reduction="sum").double(),
+                                ((flat.argmax(-1) == y) & keep).sum().double(), keep.sum().double()])
+        self.raw.features_only = True
+        try:
+            h = model(inputs, positions)
+        finally:
+            self.raw.features_only = False
+        return linear_cross_entropy_sums(h.reshape(-1, h.size(-1)), self.raw.head_weight(), y)

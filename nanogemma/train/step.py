@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .distributed import World, all_mean, all_sum, no_sync
-from .loss import lm_loss
+from .loss import LanguageModelLoss, lm_loss
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -112,9 +111,9 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, val: np.ndarray, offsets: np.ndarray, seq_len: int, batch_size: int,
-             world: World, dtype: torch.dtype, windows_fn) -> EvalResult:
+             world: World, dtype: torch.dtype, windows_fn, loss_fn: LanguageModelLoss) -> EvalResult:
     """Loss, perplexity and next-token accuracy over the fixed validation windows `offsets` (over the
-    targets that are not -100).
+    targets that are not -100), with `loss_fn`'s head (fused: a chunk of logits at a time).
 
     The windows are shared out among the processes and the sums (not the means) are all-reduced, so the
     result is the same for any number of processes.
@@ -130,14 +129,9 @@ def evaluate(model: nn.Module, val: np.ndarray, offsets: np.ndarray, seq_len: in
         chunk = batches[r] if r < len(batches) else offsets[:1]
         x, y, *pos = windows_fn(val, chunk, seq_len, world.device)  # packed data: positions too
         with autocast(world.device, dtype):
-            logits = model(x, *pos)
-        if r >= len(batches):
-            continue
-        flat, y = logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
-        keep = y >= 0  # -100: not a target (prompt tokens of chat data, padding)
-        sums[0] += F.cross_entropy(flat, y, reduction="sum").double()
-        sums[1] += ((flat.argmax(-1) == y) & keep).sum()
-        sums[2] += keep.sum()
+            batch_sums = loss_fn.sums(model, x, y, *pos)
+        if r < len(batches):
+            sums += batch_sums
     sums = all_sum(sums, world)
     model.train(was_training)
     loss = (sums[0] / sums[2]).item()
