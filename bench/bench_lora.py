@@ -28,7 +28,7 @@ MODES = {"full": {}, "lora-float32": {"lora_base_dtype": "float32"},
 
 
 def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
-    settings = {"data": args.data, "out_dir": str(out / mode), "preset": "finetune", "max_steps": args.steps,
+    settings = {"data": args.data, "out_dir": str(out / mode), "preset": args.preset, "max_steps": args.steps,
                 "seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum": 1, "eval_every": 0,
                 "eval_batches": 1, "sample_tokens": 0, "log_every": 1, "warmup_steps": 0, "progress": False,
                 "tensorboard": False, "threads": args.threads, **MODES[mode]}
@@ -71,6 +71,7 @@ def _hwm(pid: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a data folder prepared with --tokenizer gemma")
+    p.add_argument("--preset", default="finetune", help="the runs' preset (sft: chat data, embeddings frozen)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
