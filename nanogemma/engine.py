@@ -5,13 +5,7 @@ The engine knows nothing of text: token ids in, token ids out (the server, `serv
 **Why not `generation.Session`.** A session's batch shares one column counter: prompts are left-padded so
 that every row ends at the same column, and the batch starts and ends together. A server cannot wait for
 the batch to finish before it takes the next request, so here every slot (a row of the cache) keeps its
-*own* position counter:
-
-    global layer  k, v: (slots, kv_heads, max_len, head_dim)   entry = the slot's position
-    sliding layer k, v: (slots, kv_heads, W, head_dim)         entry = position % W  (a ring per slot)
-    both          pos:  (slots, entries) position held by each entry, -1 for an empty one
-
-Masks are built from the stored positions (`cache.attention_mask`), exactly as in `cache.py`, so a slot's
+*own* position counter, in a `SlotCache` (`slots.py`: the layout, the masks, the prefix copies); a slot's
 attention sees its own history and nothing else, whatever the other slots hold.
 
 **A step** (`Engine.step`) does, in order:
@@ -62,19 +56,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .cache import attention_mask
-from .config import GLOBAL, GemmaConfig
 from .decoding import SamplingParams
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler
+from .slots import PREFIX_BLOCK, PrefixCache, SlotCache
 
 DEFAULT_SLOTS = 8
 DEFAULT_STEP_TOKENS = 256
 DEFAULT_CONTEXT = 8192
-PREFIX_BLOCK = 64  # prefix reuse works in whole blocks of this many prompt tokens
 MIN_CHUNK = 16  # prompt tokens a step gives each prompt being prefilled, at least
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
 
@@ -89,198 +81,6 @@ def check_settings(slots: int, step_tokens: int, max_queue: int, prefix_cache: i
 
 class QueueFull(NanogemmaError):
     """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
-
-
-# ------------------------------------------------------------------------------------------ the cache
-
-
-class _Plan:
-    """What the next forward call feeds, shared by every layer: a decode step or a batch of prefill chunks."""
-
-    def __init__(self, slots: int, device: torch.device):
-        # Prefill: row i of the batch is a chunk of `chunks[i] = (slot, start, n)`: n tokens from position
-        # `start`, right-padded to the batch's common length with pads at position -1. None: a decode step.
-        self.chunks: list[tuple[int, int, int]] | None = None
-        self.sel = torch.zeros(0, dtype=torch.long, device=device)  # the chunks' slots, as an index
-        self.rows = slots  # a decode step covers slots 0..rows-1
-        self.keys: int | None = None  # eager decode: attend to the first `keys` entries of global layers
-        self.write = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next position
-        self.masks: dict[int | None, Tensor] = {}  # one mask per layer type per eager call
-
-
-class SlotLayerCache(nn.Module):
-    """Keys/values of one layer for every slot: `window=None` a global layer, else a W-entry ring per slot."""
-
-    def __init__(self, plan: _Plan, slots: int, kv_heads: int, head_dim: int, entries: int,
-                 window: int | None, static: bool, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.plan, self.window, self.static, self.entries = plan, window, static, entries
-        self.register_buffer("k", torch.zeros(slots, kv_heads, entries, head_dim, dtype=dtype, device=device))
-        self.register_buffer("v", torch.zeros(slots, kv_heads, entries, head_dim, dtype=dtype, device=device))
-        self.register_buffer("pos", torch.full((slots, entries), -1, dtype=torch.long, device=device))
-
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self._decode(pos, k, v) if self.plan.chunks is None else self._chunks(pos, k, v)
-
-    def _decode(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, (_, H, _, D) = self.plan.rows, k.shape
-        entry = self.plan.write[:b] if self.window is None else self.plan.write[:b] % self.entries
-        self.k[:b].scatter_(2, entry.view(b, 1, 1, 1).expand(b, H, 1, D), k)
-        self.v[:b].scatter_(2, entry.view(b, 1, 1, 1).expand(b, H, 1, D), v)
-        self.pos[:b].scatter_(1, entry.view(b, 1), pos)
-        n = self.plan.keys if self.window is None and not self.static else None
-        keys, values, kpos = (self.k[:b], self.v[:b], self.pos[:b]) if n is None else \
-            (self.k[:b, :, :n], self.v[:b, :, :n], self.pos[:b, :n])
-        if self.static:  # compiled: no Python-side state inside the graph
-            return keys, values, attention_mask(pos, kpos, self.window)
-        mask = self.plan.masks.get(self.window)
-        if mask is None:  # every layer of a type holds the same positions: one mask serves them all
-            mask = self.plan.masks[self.window] = attention_mask(pos, kpos, self.window)
-        return keys, values, mask
-
-    def _chunks(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Prefill: row i holds a chunk of slot `sel[i]`. Each row attends to its own slot's entries and to
-        its own chunk; only a chunk's real tokens are stored (its pads, at position -1, never are)."""
-        plan, sel = self.plan, self.plan.sel
-        if self.window is None:
-            for i, (slot, start, n) in enumerate(plan.chunks):
-                self.k[slot, :, start:start + n] = k[i, :, :n]
-                self.v[slot, :, start:start + n] = v[i, :, :n]
-                self.pos[slot, start:start + n] = pos[i, :n]
-            # Every row sees the first `end` entries of its slot, as many as the longest history needs: a
-            # shorter history's extra entries are empty (position -1), so the mask hides them.
-            end = max(start + n for _, start, n in plan.chunks)
-            keys, values, kpos = self.k[sel, :, :end], self.v[sel, :, :end], self.pos[sel, :end]
-            mask = plan.masks.get(None)
-            if mask is None:  # every global layer holds the same positions: one mask serves them all
-                mask = plan.masks[None] = attention_mask(pos, kpos, None)
-            return keys, values, mask
-        # As in cache.py: attend to [old ring | chunk] before overwriting, then keep each chunk's last keys.
-        keys, values = torch.cat((self.k[sel], k), dim=2), torch.cat((self.v[sel], v), dim=2)
-        mask = plan.masks.get(self.window)
-        if mask is None:
-            ring_pos = self.pos[sel]
-            ring_pos = torch.where(ring_pos < pos[:, :1], ring_pos, -1)  # entries at or past the chunk are stale
-            mask = plan.masks[self.window] = attention_mask(pos, torch.cat((ring_pos, pos), dim=1), self.window)
-        for i, (slot, start, n) in enumerate(plan.chunks):
-            keep = min(n, self.entries)
-            entries = torch.arange(start + n - keep, start + n, device=k.device) % self.entries
-            self.k[slot].index_copy_(1, entries, k[i, :, n - keep:n])
-            self.v[slot].index_copy_(1, entries, v[i, :, n - keep:n])
-            self.pos[slot].index_copy_(0, entries, pos[i, n - keep:n])
-        return keys, values, mask
-
-
-class SlotCache(nn.Module):
-    """Per-layer caches for `slots` independent sequences of up to `max_len` tokens each."""
-
-    def __init__(self, cfg: GemmaConfig, slots: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", static: bool = False):
-        super().__init__()
-        device = torch.device(device)
-        self.slots, self.max_len, self.static = slots, max_len, static
-        self.plan = _Plan(slots, device)
-        self.layers = nn.ModuleList(
-            SlotLayerCache(self.plan, slots, cfg.num_kv_heads, cfg.head_dim,
-                           max_len if t == GLOBAL else min(cfg.sliding_window, max_len),
-                           None if t == GLOBAL else cfg.sliding_window, static, dtype, device)
-            for t in cfg.layer_types
-        )
-        self.lengths = [0] * slots  # tokens fed to each slot
-
-    @torch.inference_mode()
-    def clear(self, slot: int) -> None:
-        """Empty one slot (its stale keys are then never seen: an empty entry has a negative position)."""
-        for layer in self.layers:
-            layer.pos[slot].fill_(-1)
-        self.lengths[slot] = 0
-
-    @torch.inference_mode()
-    def snapshot(self, slot: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Copies of one slot's filled entries, layer by layer (a ring that has not wrapped yet holds
-        positions 0..n-1 in entries 0..n-1, like a global layer; a wrapped one is copied whole)."""
-        n = self.lengths[slot]
-        return [(layer.k[slot, :, :n].clone(), layer.v[slot, :, :n].clone(), layer.pos[slot, :n].clone())
-                for layer in self.layers]
-
-    @torch.inference_mode()
-    def restore(self, slot: int, rows: list[tuple[Tensor, Tensor, Tensor]], length: int) -> None:
-        """Give `slot` the entries of a snapshot taken after `length` tokens."""
-        self.clear(slot)
-        for layer, (k, v, pos) in zip(self.layers, rows, strict=True):
-            n = pos.shape[0]
-            layer.k[slot, :, :n], layer.v[slot, :, :n], layer.pos[slot, :n] = k, v, pos
-        self.lengths[slot] = length
-
-    def plan_chunks(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
-        """The next call feeds `lengths[i]` tokens to `slots[i]`, row i of a batch padded to the longest."""
-        plan = self.plan
-        plan.chunks = [(s, self.lengths[s], n) for s, n in zip(slots, lengths, strict=True)]
-        plan.sel = torch.tensor(list(slots), dtype=torch.long, device=plan.write.device)
-        plan.masks = {}
-
-    def plan_decode(self, rows: int) -> None:
-        plan = self.plan
-        plan.chunks, plan.rows, plan.masks = None, rows, {}
-        plan.write.copy_(torch.tensor(self.lengths, device=plan.write.device))
-        plan.keys = min(max(self.lengths[:rows]) + 1, self.max_len)
-
-    def mark_static(self) -> None:
-        """Tell torch.compile the buffers keep their addresses (so CUDA graphs can mutate them in place)."""
-        import torch._dynamo
-
-        for layer in self.layers:
-            for buf in (layer.k, layer.v, layer.pos):
-                torch._dynamo.mark_static_address(buf)
-        torch._dynamo.mark_static_address(self.plan.write)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-class PrefixCache:
-    """Snapshots of a slot's cache after a prompt's first k * PREFIX_BLOCK tokens, at most `capacity`.
-
-    Most stored prefixes are never asked for again (each prompt's own tail); a shared one (a system prompt)
-    is asked for by every request that begins with it. Plain least-recently-used would let a burst of new
-    prompts' tails push the shared one out before the next request comes, so eviction is segmented: a
-    prefix that has served a request moves to a protected part (at most half the capacity, its own least
-    recently used sent back when full), and new prefixes, still unproven, are evicted first.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.probation: collections.OrderedDict[tuple[int, ...], list] = collections.OrderedDict()
-        self.protected: collections.OrderedDict[tuple[int, ...], list] = collections.OrderedDict()
-
-    @property
-    def entries(self) -> dict[tuple[int, ...], list]:
-        return {**self.probation, **self.protected}
-
-    def longest(self, prompt: Sequence[int]) -> tuple[int, list | None]:
-        """The longest stored prefix of `prompt` that leaves at least one token to feed (for the logits)."""
-        for n in range(((len(prompt) - 1) // PREFIX_BLOCK) * PREFIX_BLOCK, 0, -PREFIX_BLOCK):
-            key = tuple(prompt[:n])
-            rows = self.protected.get(key)
-            if rows is not None:
-                self.protected.move_to_end(key)
-            elif (rows := self.probation.pop(key, None)) is not None:
-                self.protected[key] = rows
-                if len(self.protected) > self.capacity // 2:
-                    old, old_rows = self.protected.popitem(last=False)
-                    self.probation[old] = old_rows
-            if rows is not None:
-                return n, rows
-        return 0, None
-
-    def put(self, prefix: Sequence[int], rows: list) -> None:
-        self.probation[tuple(prefix)] = rows
-        while len(self.probation) + len(self.protected) > self.capacity:
-            (self.probation or self.protected).popitem(last=False)
-
-    def __contains__(self, prefix: Sequence[int]) -> bool:
-        return tuple(prefix) in self.probation or tuple(prefix) in self.protected
 
 
 # ------------------------------------------------------------------------------------------ requests

@@ -141,11 +141,12 @@ def test_generate_prompts_stdin_stats_and_compile_message(capsys, monkeypatch):
     from helpers import tiny_model
 
     from nanogemma import cli, generation
+    from nanogemma.cli import generate as generate_cli
     from nanogemma.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     loaded = (tiny_model(vocab_size=262_144), tok)  # a tiny model over the real vocabulary, loaded once
-    monkeypatch.setattr(cli, "_load_for_inference", lambda _args: loaded)  # the rest is the CLI's
+    monkeypatch.setattr(generate_cli, "_load_for_inference", lambda _args: loaded)  # the rest is the CLI's
 
     def gen(*args, stdin=None):
         if stdin is not None:

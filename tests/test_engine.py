@@ -15,10 +15,11 @@ import torch
 from helpers import tiny_model
 
 from nanogemma.decoding import SamplingParams
-from nanogemma.engine import Engine, QueueFull, Request, SlotCache
+from nanogemma.engine import Engine, QueueFull, Request
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Session, generate_ids
 from nanogemma.model import Gemma
+from nanogemma.slots import SlotCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, as elsewhere
 
@@ -246,7 +247,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model):
 
 def test_a_shared_prefix_is_prefilled_once_and_changes_no_token(model):
     """Requests that begin with the same 140 tokens (a system prompt) reuse its cache rows, block by block."""
-    from nanogemma.engine import PREFIX_BLOCK
+    from nanogemma.slots import PREFIX_BLOCK
 
     system = prompt(140, seed=5)
     prompts = [system + prompt(n, seed=s) for s, n in [(1, 5), (2, 30), (3, 12)]] + [prompt(100)]
@@ -287,7 +288,7 @@ def test_several_slots_are_prefilled_in_one_call_and_equal_each_prompt_alone(mod
     """Five prompts admitted together, of different lengths (shorter than the window, longer, longer than a
     step's share: several chunks) and one starting with a stored prefix, are prefilled as rows of one batch.
     Then two more arrive while those decode and are prefilled together beside the decode steps."""
-    from nanogemma.engine import PREFIX_BLOCK
+    from nanogemma.slots import PREFIX_BLOCK
 
     system = prompt(70, seed=21)
     first = [prompt(3, seed=22), prompt(W + 1, seed=22), prompt(40, seed=22), system + prompt(5, seed=23),
@@ -363,7 +364,7 @@ def test_a_burst_beyond_the_budget_is_prefilled_together(model, monkeypatch):
 def test_a_prefix_that_served_a_request_outlives_a_burst_of_new_ones():
     """Eviction is segmented: prompts' own tails (never asked for again) churn among themselves, and a prefix
     that has served a request stays while they do; least recently used still goes first within each part."""
-    from nanogemma.engine import PREFIX_BLOCK, PrefixCache
+    from nanogemma.slots import PREFIX_BLOCK, PrefixCache
 
     cache = PrefixCache(4)
     shared = list(range(PREFIX_BLOCK))

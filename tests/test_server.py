@@ -24,10 +24,11 @@ from helpers import write_tiny_hf
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from nanogemma.api import chat_prompt  # noqa: E402
 from nanogemma.decoding import stop_ids_for  # noqa: E402
 from nanogemma.engine import Engine  # noqa: E402
 from nanogemma.generation import generate_ids  # noqa: E402
-from nanogemma.server import ServerState, chat_prompt, create_app, load_engine  # noqa: E402
+from nanogemma.server import ServerState, create_app, load_engine  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -628,7 +629,7 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' and m.
 def test_a_folder_chat_template_is_used(tiny_hf_folder, tmp_path):
     import shutil
 
-    from nanogemma.server import load_chat_template, render_chat_template
+    from nanogemma.api import load_chat_template, render_chat_template
 
     folder = tmp_path / "templated"
     shutil.copytree(tiny_hf_folder, folder)
