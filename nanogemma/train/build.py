@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import random
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import GemmaConfig
 from ..model import Gemma
@@ -138,21 +141,20 @@ def checkpoint_blocks(model: Gemma) -> Gemma:
     run in the same precision: the recomputed values are the ones forward computed. Calls without grad
     (evaluation, sampling) or with a KV cache run the block directly.
     """
-    from torch.utils.checkpoint import checkpoint
-
     for block in model.layers:
-        if getattr(block, "checkpointed", False):
-            continue
-        run = block.forward  # the class's forward, bound to this block
-
-        def forward(x, cos, sin, mask, pos, cache=None, _run=run):
-            if cache is not None or not torch.is_grad_enabled():
-                return _run(x, cos, sin, mask, pos, cache)
-            return checkpoint(_run, x, cos, sin, mask, pos, use_reentrant=False)
-
-        block.forward = forward
-        block.checkpointed = True
+        if getattr(block.forward, "__func__", None) is not _recomputing_forward:  # once is enough
+            # bound to the block itself (not a closure over it), so a deepcopy of the model recomputes its own
+            block.forward = types.MethodType(_recomputing_forward, block)
     return model
+
+
+def _recomputing_forward(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any,
+                         pos: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    """A block's forward that keeps only its inputs for backward (see `checkpoint_blocks`)."""
+    forward = type(block).forward  # the class's own (the instance's is this one)
+    if cache is not None or not torch.is_grad_enabled():
+        return forward(block, x, cos, sin, mask, pos, cache)
+    return checkpoint(forward, block, x, cos, sin, mask, pos, use_reentrant=False)
 
 
 def rng_state() -> dict[str, Any]:
