@@ -91,7 +91,7 @@ def test_fsdp2_with_resume_equals_one_process(data, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "fsdp"
     p = torchrun(*flags(data, out, grad_accum=1, max_steps=4, fsdp="true", activation_checkpointing="true"))
-    assert "2 processes (FSDP2)" in p.stderr
+    assert "2 processes (FSDP2), recomputing activations in backward" in p.stderr
     torchrun("--resume", f"--out-dir={out}", "--max-steps=8", "--decay-steps=8", "--progress=false",
              "--activation-checkpointing=false")
     got = losses(out)
@@ -116,7 +116,7 @@ def test_ddp_lora_two_processes_equal_one_with_doubled_accumulation(data, tmp_pa
     ref = train(resolve({"data": str(data), "out_dir": str(tmp_path / "one"), **COMMON, **lora, "grad_accum": 2}))
     out = tmp_path / "ddp"
     p = torchrun(*flags(data, out, grad_accum=1, activation_checkpointing="true", **lora))
-    assert "2 processes (DDP)" in p.stderr and "LoRA rank 4" in p.stderr
+    assert "2 processes (DDP), recomputing activations in backward" in p.stderr and "LoRA rank 4" in p.stderr
     worst = max(abs(a - b) for a, b in zip(losses(out), ref.losses, strict=True))
     print(f"LoRA DDP vs 1 process: largest loss difference over 4 steps {worst:.2e}")
     assert worst <= TOLERANCE

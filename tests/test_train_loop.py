@@ -375,7 +375,7 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs():
         assert saved_bytes(recomputing, x, pos)[0] == 0
 
 
-def test_activation_checkpointing_run_resumes_and_saves_the_same_model(data, tmp_path):
+def test_activation_checkpointing_run_resumes_and_saves_the_same_model(data, tmp_path, capsys):
     """A run with recomputation logs the plain run's losses, writes checkpoints with the plain keys, and a
     resumed half of it continues exactly (to 1e-6, as test_resume_continues_exactly)."""
     from safetensors.torch import load_file
@@ -384,7 +384,7 @@ def test_activation_checkpointing_run_resumes_and_saves_the_same_model(data, tmp
     whole = run(data, tmp_path / "plain", **settings)
     out = tmp_path / "recompute"
     first = run(data, out, **{**settings, "max_steps": 2, "decay_steps": 4}, activation_checkpointing=True)
-    assert first.step == 2
+    assert first.step == 2 and "recomputing activations in backward" in capsys.readouterr().err
     second = train(resolve({"out_dir": str(out), "resume": True, "max_steps": 4, "progress": False}))
     assert second.step == 4
     assert max(abs(a - b) for a, b in zip(whole.losses, first.losses + second.losses, strict=True)) <= 1e-6
