@@ -177,10 +177,12 @@ PRESETS_TRAIN: dict[str, dict[str, Any]] = {
                      log_every=5),
     # Supervised fine-tuning of the official 270M weights on chat data (`nanogemma prepare` on conversations,
     # --tokenizer gemma): whole conversations packed, loss on the replies only, the embedding frozen (a
-    # small instruction set cannot teach 262k embeddings much, and freezing them saves a third of the step).
+    # small instruction set cannot teach 262k embeddings much, and freezing them saves a third of the step);
+    # the blocks recompute their activations in backward: kept from forward, the 18 blocks' activations
+    # would dominate the step's memory, with LoRA too (the adapters cut the optimizer's state, not them).
     "sft": dict(init_from="gemma3-270m", seq_len=512, batch_size=4, grad_accum=1, max_steps=200, lr=1e-4,
                 min_lr=1e-5, warmup_steps=10, weight_decay=0.0, train_embeddings=False, loss_mask=True,
-                eval_every=50, eval_batches=4, log_every=5, sample_tokens=0),
+                activation_checkpointing=True, eval_every=50, eval_batches=4, log_every=5, sample_tokens=0),
 }
 
 
