@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import GemmaConfig
-from ..model import Gemma
 from ..errors import NanogemmaError
+from ..model import Gemma
 from ..weights import build_model, load_state
 from . import checkpoint as ckpt
 from .config import SCRATCH, TrainConfig, lora_config, model_config
