@@ -342,8 +342,8 @@ def test_activation_checkpointing_under_bfloat16_autocast():
 def test_activation_checkpointing_keeps_only_the_blocks_inputs():
     """Bytes autograd keeps from forward for backward, counted by a saved-tensors hook (each storage once):
     without recomputation every block keeps its intermediates, among them the MLP's gate and up products
-    (2 x intermediate_size wide, 8 times the residual stream here); with it, what the blocks keep is at
-    most a few residual-stream-sized inputs each, and the rest (embedding, final norm, head) is unchanged."""
+    (2 x intermediate_size wide, 8 times the residual stream here); with it, each block keeps its input (one
+    residual stream) and little else: the RoPE tables, shared by the blocks, and the positions."""
     import copy
 
     from nanogemma.train.build import checkpoint_blocks
@@ -369,7 +369,7 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs():
     kept_plain, _ = saved_bytes(plain, x, pos)
     kept, h = saved_bytes(recomputing, x, pos)
     assert kept_plain >= cfg.num_layers * 2 * mlp  # the plain blocks keep at least gate and up
-    assert kept <= cfg.num_layers * 3 * stream + 4 * stream, (kept, kept_plain)
+    assert cfg.num_layers * stream <= kept <= (cfg.num_layers + 2) * stream, (kept, kept_plain)
     assert h.requires_grad  # still differentiable: backward recomputes
     with torch.no_grad():  # evaluation and sampling run the blocks directly
         assert saved_bytes(recomputing, x, pos)[0] == 0
