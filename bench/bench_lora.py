@@ -8,7 +8,8 @@ alone, in three phases: setup (loading the weights, freezing or converting them,
 the training steps, and the final evaluation (whose full logits, 256 x 262,144 floats per window, are the
 same in every mode). Each phase's peak is the kernel's high-water mark of resident memory (VmHWM) when the
 phase ends (the banner; the last step's metrics line; exit, as `ru_maxrss` from wait4), reset through
-/proc/PID/clear_refs at each phase's start. Linux only. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
+/proc/PID/clear_refs at each phase's start. `--activation-checkpointing` / `--no-activation-checkpointing`
+sets the runs' activation checkpointing (default: the preset's). Linux only. The step time is the median `time` delta in the run's metrics.jsonl. Results: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 MODES = {"full": {}, "lora-float32": {"lora_base_dtype": "float32"},
@@ -32,6 +34,8 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
                 "seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum": 1, "eval_every": 0,
                 "eval_batches": 1, "sample_tokens": 0, "log_every": 1, "warmup_steps": 0, "progress": False,
                 "tensorboard": False, "threads": args.threads, **MODES[mode]}
+    if args.activation_checkpointing is not None:  # otherwise the preset's (sft: on)
+        settings["activation_checkpointing"] = args.activation_checkpointing
     if mode != "full":
         settings.update(lora_rank=args.rank, lr=1e-4, min_lr=1e-5)
     cmd = [sys.executable, "-m", "nanogemma", "train", *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())]
@@ -53,7 +57,9 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     times = [r["time"] for r in rows if r["kind"] == "train"]
     steps = [b - a for a, b in zip([0.0] + times, times, strict=False)]
     ckpt = out / mode / "last"
-    return {"mode": mode, "setup_peak_gib": peaks[0], "steps_peak_gib": peaks[1],
+    recompute = tomllib.loads((out / mode / "train.toml").read_text())["activation_checkpointing"]
+    return {"mode": mode, "activation_checkpointing": recompute, "setup_peak_gib": peaks[0],
+            "steps_peak_gib": peaks[1],
             "eval_peak_gib": round(usage.ru_maxrss / 2**20, 2),
             "step_s": round(statistics.median(steps), 2),
             "checkpoint_mb": round(sum((ckpt / f).stat().st_size for f in ("model.safetensors", "trainer.pt")) / 1e6, 1),
@@ -78,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="the runs recompute each block's activations in backward (or not, with --no-...); "
+                        "default: the preset's (sft: on)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):

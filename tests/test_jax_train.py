@@ -134,3 +134,11 @@ def test_gemma_tokenized_data_gives_both_loops_the_same_windows(gguf_path, tmp_p
     assert len(t.losses) == len(j.losses) == 2
     assert float(np.abs(np.array(t.losses) - np.array(j.losses)).max()) <= 1e-4
     assert abs(t.val_loss - j.val_loss) <= 1e-4
+
+
+def test_activation_checkpointing_is_refused_in_one_line(data, tmp_path):
+    from nanogemma.errors import NanogemmaError
+
+    with pytest.raises(NanogemmaError, match="drop --activation-checkpointing"):
+        jax_train(settings(data, tmp_path / "run", activation_checkpointing=True))
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

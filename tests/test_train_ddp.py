@@ -86,12 +86,14 @@ def test_ddp_two_processes_equal_one_with_doubled_accumulation(data, reference, 
 
 
 def test_fsdp2_with_resume_equals_one_process(data, reference, tmp_path):
-    """FSDP2 for 4 steps, then resumed (sharded optimizer state gathered, saved, re-sharded) for 4 more."""
+    """FSDP2 for 4 steps, then resumed (sharded optimizer state gathered, saved, re-sharded) for 4 more; the
+    first 4 with activation checkpointing (the blocks' weights gathered again for the recomputation)."""
     ref, _ = reference
     out = tmp_path / "fsdp"
-    p = torchrun(*flags(data, out, grad_accum=1, max_steps=4, fsdp="true"))
-    assert "2 processes (FSDP2)" in p.stderr
-    torchrun("--resume", f"--out-dir={out}", "--max-steps=8", "--decay-steps=8", "--progress=false")
+    p = torchrun(*flags(data, out, grad_accum=1, max_steps=4, fsdp="true", activation_checkpointing="true"))
+    assert "2 processes (FSDP2), recomputing activations in backward" in p.stderr
+    torchrun("--resume", f"--out-dir={out}", "--max-steps=8", "--decay-steps=8", "--progress=false",
+             "--activation-checkpointing=false")
     got = losses(out)
     assert len(got) == 8
     worst = max(abs(a - b) for a, b in zip(got, ref.losses, strict=True))
@@ -100,7 +102,8 @@ def test_fsdp2_with_resume_equals_one_process(data, reference, tmp_path):
 
 
 def test_ddp_lora_two_processes_equal_one_with_doubled_accumulation(data, tmp_path):
-    """LoRA over an int8 base under DDP: only the adapters' gradients are averaged; the curve is one process's."""
+    """LoRA over an int8 base under DDP: only the adapters' gradients are averaged; the curve is one process's
+    (the two processes recompute their blocks' activations in backward: the same curve again)."""
     base = tmp_path / "base"
     base.mkdir()
     cfg = get_preset("tiny").replace(vocab_size=320)
@@ -112,8 +115,8 @@ def test_ddp_lora_two_processes_equal_one_with_doubled_accumulation(data, tmp_pa
     torch.set_num_threads(1)
     ref = train(resolve({"data": str(data), "out_dir": str(tmp_path / "one"), **COMMON, **lora, "grad_accum": 2}))
     out = tmp_path / "ddp"
-    p = torchrun(*flags(data, out, grad_accum=1, **lora))
-    assert "2 processes (DDP)" in p.stderr and "LoRA rank 4" in p.stderr
+    p = torchrun(*flags(data, out, grad_accum=1, activation_checkpointing="true", **lora))
+    assert "2 processes (DDP), recomputing activations in backward" in p.stderr and "LoRA rank 4" in p.stderr
     worst = max(abs(a - b) for a, b in zip(losses(out), ref.losses, strict=True))
     print(f"LoRA DDP vs 1 process: largest loss difference over 4 steps {worst:.2e}")
     assert worst <= TOLERANCE

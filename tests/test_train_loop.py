@@ -250,3 +250,145 @@ def test_help_shows_the_preset_values_and_the_run_folder_its_size(data, tmp_path
     size = disk_usage(out)
     assert size <= naive - 2 * (out / "model.safetensors").stat().st_size
     assert f"{size / 1000:.1f} KB on disk" in done or f"{size / 1e6:.1f} MB on disk" in done
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+
+
+def _tiny_training_model(lora_dropout: float | None = None):
+    """The tiny shape with a 320-token vocabulary, seeded; with LoRA adapters when `lora_dropout` is given."""
+    from nanogemma.config import get_preset
+    from nanogemma.lora import LoRAConfig, apply_lora
+    from nanogemma.train.loss import TrainingGemma
+
+    model = TrainingGemma(get_preset("tiny").replace(vocab_size=320)).init_weights(seed=0)
+    if lora_dropout is not None:
+        apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=lora_dropout), seed=0)
+        with torch.no_grad():  # lora_B starts at zero: give the adapters a say in the loss and the gradients
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model.train()
+
+
+def _packed_batch(batch=2, length=48):
+    """Inputs, targets and positions of two packed documents per row (positions restart at 0), as chat data."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 320, (batch, length + 1), generator=g)
+    pos = torch.cat([torch.arange(20), torch.arange(length - 20)]).expand(batch, length)
+    return ids[:, :-1], ids[:, 1:], pos
+
+
+def _loss_and_grads(model, x, y, pos, seed=7):
+    torch.manual_seed(seed)  # the dropout masks
+    h = model.hidden(x, pos)
+    logits = model.lm_head(model.final_norm(h))  # not forward(): it casts the logits to float32
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Full training and LoRA with dropout, in float64 over packed documents: the recomputing blocks give the
+    loss and every gradient of the plain ones. The recomputation repeats the same ops on the same inputs,
+    so any difference can only be a reordering of float64 sums (~1e-16 relative): the 1e-10 bound holds on
+    any CPU, while a dropout mask drawn anew (an O(1) change) or a missing input would break it by far."""
+    import copy
+
+    from nanogemma.train.build import checkpoint_blocks
+
+    x, y, pos = _packed_batch()
+    for dropout in (None, 0.3):
+        plain = _tiny_training_model(dropout).double()
+        # a copy of a recomputing model recomputes with its own weights (and applying it twice is once)
+        recomputing = checkpoint_blocks(copy.deepcopy(checkpoint_blocks(copy.deepcopy(plain))))
+        assert list(recomputing.state_dict()) == list(plain.state_dict())  # checkpoints and exports unchanged
+        loss_a, grads_a = _loss_and_grads(plain, x, y, pos)
+        loss_b, grads_b = _loss_and_grads(recomputing, x, y, pos)
+        assert set(grads_a) == set(grads_b) and grads_a
+        if dropout is not None:
+            assert all(".lora_" in n for n in grads_a)
+            _, other = _loss_and_grads(plain, x, y, pos, seed=8)  # the dropout is live: another mask, other grads
+            assert max((other[n] - grads_a[n]).abs().max().item() for n in grads_a) > 1e-6
+        assert abs(loss_a.item() - loss_b.item()) <= 1e-10 * abs(loss_a.item())
+        for n in grads_a:
+            scale = grads_a[n].abs().max().item()
+            assert (grads_a[n] - grads_b[n]).abs().max().item() <= 1e-10 * scale, n
+
+
+def test_activation_checkpointing_under_bfloat16_autocast():
+    """The recomputation runs under the autocast state of the forward: had it run in float32, the saved
+    activations would differ from forward's by bfloat16's rounding (~4e-3 relative), far above the 1e-4
+    allowed; a float32 reordering is ~1e-6."""
+    import copy
+
+    from nanogemma.train.build import checkpoint_blocks
+
+    x, y, pos = _packed_batch()
+    plain = _tiny_training_model(0.1)
+    recomputing = checkpoint_blocks(copy.deepcopy(plain))
+    results = []
+    for model in (plain, recomputing):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model, x, y, pos))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-4 * abs(loss_a.item())
+    for n in grads_a:
+        assert (grads_a[n] - grads_b[n]).abs().max().item() <= 1e-4 * grads_a[n].abs().max().item(), n
+
+
+def test_activation_checkpointing_keeps_only_the_blocks_inputs():
+    """Bytes autograd keeps from forward for backward, counted by a saved-tensors hook (each storage once):
+    without recomputation every block keeps its intermediates, among them the MLP's gate and up products
+    (2 x intermediate_size wide, 8 times the residual stream here); with it, each block keeps its input (one
+    residual stream) and little else: the RoPE tables, shared by the blocks, and the positions."""
+    import copy
+
+    from nanogemma.train.build import checkpoint_blocks
+
+    def saved_bytes(model, x, pos):
+        seen: dict[tuple, int] = {}
+
+        def pack(t):
+            if t.device.type != "meta":
+                seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = model.hidden(x, pos)
+        return sum(seen.values()), h
+
+    x, _, pos = _packed_batch()
+    plain = _tiny_training_model()
+    recomputing = checkpoint_blocks(copy.deepcopy(plain))
+    cfg = plain.config
+    stream = x.numel() * cfg.hidden_size * 4  # one (B, T, hidden) float32 tensor
+    mlp = x.numel() * cfg.intermediate_size * 4  # one of the MLP's wide tensors
+    kept_plain, _ = saved_bytes(plain, x, pos)
+    kept, h = saved_bytes(recomputing, x, pos)
+    assert kept_plain >= cfg.num_layers * 2 * mlp  # the plain blocks keep at least gate and up
+    assert cfg.num_layers * stream <= kept <= (cfg.num_layers + 2) * stream, (kept, kept_plain)
+    assert h.requires_grad  # still differentiable: backward recomputes
+    with torch.no_grad():  # evaluation and sampling run the blocks directly
+        assert saved_bytes(recomputing, x, pos)[0] == 0
+
+
+def test_activation_checkpointing_run_resumes_and_saves_the_same_model(data, tmp_path, capsys):
+    """A run with recomputation logs the plain run's losses, writes checkpoints with the plain keys, and a
+    resumed half of it continues exactly (to 1e-6, as test_resume_continues_exactly)."""
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=4, eval_every=0, batch_size=4, sample_tokens=0)
+    whole = run(data, tmp_path / "plain", **settings)
+    out = tmp_path / "recompute"
+    first = run(data, out, **{**settings, "max_steps": 2, "decay_steps": 4}, activation_checkpointing=True)
+    assert first.step == 2 and "recomputing activations in backward" in capsys.readouterr().err
+    second = train(resolve({"out_dir": str(out), "resume": True, "max_steps": 4, "progress": False}))
+    assert second.step == 4
+    assert max(abs(a - b) for a, b in zip(whole.losses, first.losses + second.losses, strict=True)) <= 1e-6
+    assert second.val_loss == pytest.approx(whole.val_loss, abs=1e-6)
+    plain_w, ours = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(plain_w) == sorted(ours)
+    assert "activation_checkpointing = true" in (out / "train.toml").read_text()

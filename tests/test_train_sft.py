@@ -70,6 +70,7 @@ def test_loss_mask_honoured_plain_and_fused():
 def test_preset_sft_is_valid():
     cfg = resolve({"preset": "sft", "data": "data/chat"})
     assert cfg.init_from == "gemma3-270m" and cfg.loss_mask and not cfg.train_embeddings
+    assert cfg.activation_checkpointing  # the saved activations dominate the step's memory
     assert cfg.lr <= 2e-4 and cfg.warmup_steps < cfg.max_steps and cfg.weight_decay == 0.0
     assert set(PRESETS_TRAIN["sft"]) <= set(cfg.to_dict())
 

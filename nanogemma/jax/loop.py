@@ -108,6 +108,9 @@ class JaxRun(Loop):
     def __init__(self, cfg: TrainConfig) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.fsdp:
             raise NanogemmaError("the JAX backend trains in one process: drop torchrun / --fsdp, or use --backend torch")
+        if cfg.activation_checkpointing:
+            raise NanogemmaError("the JAX backend keeps every activation: drop --activation-checkpointing, or use "
+                                 "--backend torch")
         super().__init__(cfg, World())
 
     def resolve_dtype(self, name: str) -> Any:

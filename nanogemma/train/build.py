@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import random
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import GemmaConfig
 from ..errors import NanogemmaError
+from ..model import Gemma
 from ..weights import build_model, load_state
 from . import checkpoint as ckpt
 from .config import SCRATCH, TrainConfig, lora_config, model_config
@@ -89,7 +93,8 @@ def initial_model(cfg: TrainConfig, data: Dataset, resume_from: Path | None
 def make_model(mcfg: GemmaConfig, state: dict[str, torch.Tensor] | None, cfg: TrainConfig,
                device: torch.device) -> TrainingGemma:
     """A float32 model on `device` in training mode: random (seeded) or holding `state`; with LoRA, frozen
-    and given adapters (fresh, or those in `state` when resuming)."""
+    and given adapters (fresh, or those in `state` when resuming); with `activation_checkpointing`, its
+    blocks recompute their activations in backward (`checkpoint_blocks`)."""
     lcfg = lora_config(cfg)
     if lcfg is not None:
         from ..lora import apply_lora, is_adapter_key, load_adapter_state
@@ -114,7 +119,42 @@ def make_model(mcfg: GemmaConfig, state: dict[str, torch.Tensor] | None, cfg: Tr
                                                      source="initial weights"))
     if not cfg.train_embeddings:
         model.embed.weight.requires_grad_(False)  # the tied head with it
+    if cfg.activation_checkpointing:  # LoRA runs come through here too: the adapters are swapped in later,
+        checkpoint_blocks(model)      # inside the blocks, and the checkpointed forward finds them there
     return model.train()
+
+
+def checkpoint_blocks(model: Gemma) -> Gemma:
+    """Make every transformer block recompute its activations in backward (activation checkpointing).
+
+    Without it, autograd keeps every intermediate of every block (projections, attention output, the MLP's
+    wide gate and up products, norms) from forward until backward; with it, a block's forward under grad
+    keeps only its inputs, and backward runs the block's forward once more to get the intermediates back,
+    one block at a time. Memory for activations drops from all of them to one block's, plus the inputs.
+
+    Applied from outside the model, so model.py keeps one code path: each block's `forward` is replaced,
+    on the instance, by one that runs the block's own forward under `torch.utils.checkpoint`. No module is
+    added or renamed, so the state_dict keys (checkpoints, exports) are the model's own. FSDP2's hooks sit
+    on the block's `__call__`, outside this forward, so they gather the weights before the recomputation
+    as they do before the backward. The non-reentrant checkpoint restores the random generators' state and
+    the autocast state for the recomputation, so a dropout (LoRA's) draws the same mask and the matmuls
+    run in the same precision: the recomputed values are the ones forward computed. Calls without grad
+    (evaluation, sampling) or with a KV cache run the block directly.
+    """
+    for block in model.layers:
+        if getattr(block.forward, "__func__", None) is not _recomputing_forward:  # once is enough
+            # bound to the block itself (not a closure over it), so a deepcopy of the model recomputes its own
+            block.forward = types.MethodType(_recomputing_forward, block)
+    return model
+
+
+def _recomputing_forward(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any,
+                         pos: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    """A block's forward that keeps only its inputs for backward (see `checkpoint_blocks`)."""
+    forward = type(block).forward  # the class's own (the instance's is this one)
+    if cache is not None or not torch.is_grad_enabled():
+        return forward(block, x, cos, sin, mask, pos, cache)
+    return checkpoint(forward, block, x, cos, sin, mask, pos, use_reentrant=False)
 
 
 def rng_state() -> dict[str, Any]:

@@ -104,6 +104,10 @@ class TrainConfig:
     compile: bool = _s("torch.compile the model (slow start, faster steps)", default=False)
     fsdp: bool = _s("under torchrun, shard weights, gradients and optimizer state with FSDP2 instead of "
                     "replicating them with DDP", default=False)
+    activation_checkpointing: bool = _s("recompute each transformer block's activations in backward instead of "
+                                        "keeping them from forward: only each block's input is kept, for the "
+                                        "price of one more forward of every block per step (less memory, "
+                                        "slower steps; the same numbers)", default=False)
     # ---- LoRA (nanogemma/lora.py): freeze the --init-from model, train low-rank adapters only
     lora_rank: int = _s("rank of the LoRA adapters; 0 trains every weight, N > 0 freezes the model and trains "
                         "adapters only (checkpoints then hold just them, and name the base)", default=0)
@@ -139,7 +143,7 @@ class TrainConfig:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that describe the run rather than the training trajectory: changing them on --resume is expected.
 RUN_ONLY = {"resume", "verify_data", "decay_steps", "progress", "threads", "tensorboard", "log_every", "eval_every", "checkpoint_every", "max_steps",
-            "sample_tokens", "sample_prompt", "sample_temperature", "peak_tflops", "compile", "data", "out_dir"}
+            "sample_tokens", "sample_prompt", "sample_temperature", "peak_tflops", "compile", "activation_checkpointing", "data", "out_dir"}
 
 # A model that learns the synthetic story grammar in minutes on a laptop CPU: about 1.6M parameters
 # outside the embedding, both layer types (three sliding, one global), multi-query attention like the 270M.
@@ -173,10 +177,12 @@ PRESETS_TRAIN: dict[str, dict[str, Any]] = {
                      log_every=5),
     # Supervised fine-tuning of the official 270M weights on chat data (`nanogemma prepare` on conversations,
     # --tokenizer gemma): whole conversations packed, loss on the replies only, the embedding frozen (a
-    # small instruction set cannot teach 262k embeddings much, and freezing them saves a third of the step).
+    # small instruction set cannot teach 262k embeddings much, and freezing them saves a third of the step);
+    # the blocks recompute their activations in backward: kept from forward, the 18 blocks' activations
+    # would dominate the step's memory, with LoRA too (the adapters cut the optimizer's state, not them).
     "sft": dict(init_from="gemma3-270m", seq_len=512, batch_size=4, grad_accum=1, max_steps=200, lr=1e-4,
                 min_lr=1e-5, warmup_steps=10, weight_decay=0.0, train_embeddings=False, loss_mask=True,
-                eval_every=50, eval_batches=4, log_every=5, sample_tokens=0),
+                activation_checkpointing=True, eval_every=50, eval_batches=4, log_every=5, sample_tokens=0),
 }
 
 

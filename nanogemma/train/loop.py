@@ -464,7 +464,8 @@ class Run(Loop):
             frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
             lora = (f"; LoRA rank {self.lora.rank} on {','.join(self.lora.targets)} over {frozen / 1e6:.1f}M frozen "
                     f"parameters ({self.lora.base_dtype} projections)")
-        return f"{w.device} {str(self.dtype).removeprefix('torch.')}{procs}{lora}"
+        recompute = ", recomputing activations in backward" if c.activation_checkpointing else ""
+        return f"{w.device} {str(self.dtype).removeprefix('torch.')}{procs}{recompute}{lora}"
 
 
 def train(cfg: TrainConfig, loss_fn: LossFn | None = None) -> TrainResult:
