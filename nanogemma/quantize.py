@@ -16,7 +16,7 @@ speed of `F.linear` (which re-packs the weight on every call).
 Two kernels are offered, both from PyTorch itself:
 
 * `int8` — **dynamic** int8 (fbgemm's packed-weight `quantized::linear_dynamic`): each call also rounds
-  the activations to 7 bits (one scale per call, computed on the fly), then multiplies integers with
+  the activations to 7 bits (one scale per row, computed on the fly), then multiplies integers with
   AVX2. The fastest on x86 CPUs; the activation rounding adds a little error on top of the weights'.
 * `int8-wo` — **weight-only** int8 (`aten._weight_int8pack_mm`): activations stay in floating point and
   the int8 weights are converted inside the kernel. More exact, slower on CPUs without AVX-512; it is also
@@ -140,6 +140,18 @@ class Int8Linear(nn.Module):
         return self.q.float() * self.scale[:, None]
 
     def dynamic(self, x: Tensor) -> Tensor:
+        if x.shape[0] > 1:
+            # fbgemm rounds a call's activations with one scale, set by its largest value. Across the
+            # positions of a prompt that scale is a few outliers' (Gemma's first positions carry activations
+            # orders of magnitude above the others'), and every other row is rounded to a handful of levels:
+            # the perplexity of a long text doubles. The product is linear in each row, so each row is
+            # brought to a largest magnitude of 1 first and scaled back after: each is rounded on its own
+            # scale, as a single row (a decode step) always is.
+            m = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            return self._fbgemm(x / m).mul_(m)
+        return self._fbgemm(x)
+
+    def _fbgemm(self, x: Tensor) -> Tensor:
         # reduce_range: 7-bit activations. AVX2's int8 multiply-add sums pairs of products into int16,
         # which full-range uint8 x int8 products overflow (saturate): errors of several percent.
         if len(self.packed) == 1:
