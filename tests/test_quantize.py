@@ -184,3 +184,23 @@ def test_generate_decodes_a_plain_model_through_its_packed_twin():
         generate(model, tok, ["a", "b"])
     with pytest.raises(NanogemmaError, match="list of prompts"):
         generate_batch(model, tok, "ab")
+
+
+def test_int8_rounds_each_row_on_its_own_scale():
+    """A multi-row int8 call (a prompt's positions) rounds each row's activations on that row's own scale,
+    so one outlier row (Gemma's first positions) cannot coarsen the others. Bound, from the kernel's
+    arithmetic (exact integer products): against the float64 product with the same int8 weights, an output
+    of row i errs by at most half an activation step, 2·max|x_i|/127 / 2 (7-bit activations over the
+    row's normalised range [-1, 1]), times the sum of |w| over its inputs, plus float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    x[0] *= 1000.0  # the outlier
+    lin = Int8Linear(w, "int8")
+    deq = lin.dequantized().double()
+    y, exact = lin(x).double(), x.double() @ deq.t()
+    step = 2 * x.double().abs().amax(1, keepdim=True) / 127
+    bound = step / 2 * deq.abs().sum(1)[None, :] * 1.001 + 1e-4 * exact.abs()
+    assert ((y - exact).abs() <= bound).all()
+    # one scale for the whole call would give rows 1..4 the outlier's step: a thousand times coarser
+    assert (step[1:] * 100 < step[0]).all()
