@@ -91,7 +91,9 @@ def server_command(name: str, gguf: Path, port: int, args, prefix_cache: int | N
         return cmd, gguf.stem
     if name == "llama-cpp-python":
         return [args.llama_python or py, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                "--n_ctx", str(args.context), "--n_threads", str(args.threads), "--model_alias", "gguf"], "gguf"
+                "--n_ctx", str(args.context), "--n_threads", str(args.threads), "--model_alias", "gguf",
+                # by default a new request cuts the one being served short: its clients would get a few tokens
+                "--interrupt_requests", "False"], "gguf"
     if name == "transformers":
         cli = str(Path(py).with_name("transformers"))
         folder = hf_copy(gguf)

@@ -45,6 +45,7 @@ class _Plan:
         self.rows = slots  # a decode step covers slots 0..rows-1
         self.keys: int | None = None  # eager decode: attend to the first `keys` entries of global layers
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next position
+        self.row_ids = torch.arange(slots, device=device)  # the decode step's rows: slots 0..rows-1
         self.masks: dict[int | None, Tensor] = {}  # one mask per layer type per eager call
 
 
@@ -63,11 +64,14 @@ class SlotLayerCache(nn.Module):
         return self._decode(pos, k, v) if self.plan.chunks is None else self._chunks(pos, k, v)
 
     def _decode(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, (_, H, _, D) = self.plan.rows, k.shape
+        b = self.plan.rows
         entry = self.plan.write[:b] if self.window is None else self.plan.write[:b] % self.entries
-        self.k[:b].scatter_(2, entry.view(b, 1, 1, 1).expand(b, H, 1, D), k)
-        self.v[:b].scatter_(2, entry.view(b, 1, 1, 1).expand(b, H, 1, D), v)
-        self.pos[:b].scatter_(1, entry.view(b, 1), pos)
+        # Indexed writes of one entry per row: `scatter_` on these slices copied each layer's whole
+        # (rows, H, context, D) cache per step, a cost that grew with the context, not with the tokens.
+        rows = self.plan.row_ids[:b]
+        self.k[rows, :, entry] = k[:, :, 0]
+        self.v[rows, :, entry] = v[:, :, 0]
+        self.pos[rows, entry] = pos[:, 0]
         n = self.plan.keys if self.window is None and not self.static else None
         keys, values, kpos = (self.k[:b], self.v[:b], self.pos[:b]) if n is None else \
             (self.k[:b, :, :n], self.v[:b, :, :n], self.pos[:b, :n])
