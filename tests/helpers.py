@@ -4,6 +4,7 @@ files laid out as other tools write them (Parquet shards as on the hub, GGUF as 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -140,3 +141,12 @@ def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None)
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def load_bench(name: str):
+    """bench/NAME.py as a module (the bench scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

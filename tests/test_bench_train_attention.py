@@ -9,7 +9,6 @@ of magnitude more. And it must really be taken: one (1, 1, T, T) mask per layer 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_bench
 from reference import float32_floor
 
 import nanogemma.model
@@ -31,10 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_attention", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_train_attention")
 
 
 def test_dense_route_is_the_same_model_and_is_taken(bench):
