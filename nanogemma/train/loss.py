@@ -108,14 +108,19 @@ def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     if not bool(keep.all()):  # ignored targets (-100): no logits at all for their rows
         h, y = h[keep], y[keep]
     dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-    # Rows per chunk: a memory budget, but at least MIN_ROWS, the inner dimension of the head-gradient
-    # matmul. Each chunk reads and rewrites the whole V × d gradient (671 MB for Gemma's head), so with
-    # few rows per chunk that traffic, not the matmul, sets the pace; a 256-row chunk of Gemma's logits
-    # is 268 MB, still a fraction of the 2.1 GB the plain path holds three times over for 2,048 tokens.
-    chunk = max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // w.shape[0])
+    dtype, chunk = _head_plan(dev, w.shape[0])
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
+
+
+def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int]:
+    """(matmul dtype, rows per chunk) for applying the head in chunks. The dtype is autocast's when it is on.
+    Rows: a memory budget, but at least MIN_ROWS, the inner dimension of the head-gradient matmul. Each
+    chunk reads and rewrites the whole V × d gradient (671 MB for Gemma's head), so with few rows per
+    chunk that traffic, not the matmul, sets the pace; a 256-row chunk of Gemma's logits is 268 MB, still a
+    fraction of the 2.1 GB the plain path holds three times over for 2,048 tokens."""
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    return dtype, max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // vocab)
 
 
 @torch.no_grad()
@@ -127,8 +132,7 @@ def linear_cross_entropy_sums(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     keep = y >= 0
     h, y = h[keep], y[keep]
     dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-    chunk = max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // w.shape[0])
+    dtype, chunk = _head_plan(dev, w.shape[0])
     sums = torch.zeros(3, dtype=torch.float64, device=h.device)
     wc = w.to(dtype)
     with torch.autocast(dev, enabled=False):
@@ -159,12 +163,17 @@ class LanguageModelLoss:
     def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
         if not self.fused:
             return lm_loss(model, inputs, targets, positions)
+        return fused_linear_cross_entropy(self._features(model, inputs, positions), self.raw.head_weight(),
+                                          targets.reshape(-1))
+
+    def _features(self, model: nn.Module, inputs: Tensor, positions: Tensor | None) -> Tensor:
+        """The final-normed hidden states (N, d) from `model` (which runs `raw`), not its logits."""
         self.raw.features_only = True
         try:
             h = model(inputs, positions)
         finally:
             self.raw.features_only = False
-        return fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), self.raw.head_weight(), targets.reshape(-1))
+        return h.reshape(-1, h.size(-1))
 
     def sums(self, model: nn.Module, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
         """Evaluation's [loss sum, correct, targets] for one batch (no gradients), the head applied in chunks
@@ -176,9 +185,4 @@ class LanguageModelLoss:
             keep = y >= 0  # -100: not a target (prompt tokens of chat data, padding)
             return torch.stack([F.cross_entropy(flat, y, reduction="sum").double(),
                                 ((flat.argmax(-1) == y) & keep).sum().double(), keep.sum().double()])
-        self.raw.features_only = True
-        try:
-            h = model(inputs, positions)
-        finally:
-            self.raw.features_only = False
-        return linear_cross_entropy_sums(h.reshape(-1, h.size(-1)), self.raw.head_weight(), y)
+        return linear_cross_entropy_sums(self._features(model, inputs, positions), self.raw.head_weight(), y)
