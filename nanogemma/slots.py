@@ -72,7 +72,9 @@ class SlotLayerCache(nn.Module):
         self.k[rows, :, entry] = k[:, :, 0]
         self.v[rows, :, entry] = v[:, :, 0]
         self.pos[rows, entry] = pos[:, 0]
-        n = self.plan.keys if self.window is None and not self.static else None
+        # Eager calls attend to the first `keys` entries only: every position held is below it, on a ring
+        # too until some slot wraps (entry = position % W), so the entries past it are empty in every row.
+        n = None if self.static else min(self.plan.keys, self.entries)
         keys, values, kpos = (self.k[:b], self.v[:b], self.pos[:b]) if n is None else \
             (self.k[:b, :, :n], self.v[:b, :, :n], self.pos[:b, :n])
         if self.static:  # compiled: no Python-side state inside the graph
@@ -100,10 +102,14 @@ class SlotLayerCache(nn.Module):
                 mask = plan.masks[None] = attention_mask(pos, kpos, None)
             return keys, values, mask
         # As in cache.py: attend to [old ring | chunk] before overwriting, then keep each chunk's last keys.
-        keys, values = torch.cat((self.k[sel], k), dim=2), torch.cat((self.v[sel], v), dim=2)
+        # Only the ring's first `held` entries can be filled (all of them once a slot has wrapped): a burst
+        # of new prompts then gathers and attends to their short histories, not to W empty entries each.
+        held = min(self.entries, max(start for _, start, _ in plan.chunks))
+        keys = torch.cat((self.k[sel, :, :held], k), dim=2)
+        values = torch.cat((self.v[sel, :, :held], v), dim=2)
         mask = plan.masks.get(self.window)
         if mask is None:
-            ring_pos = self.pos[sel]
+            ring_pos = self.pos[sel, :held]
             ring_pos = torch.where(ring_pos < pos[:, :1], ring_pos, -1)  # entries at or past the chunk are stale
             mask = plan.masks[self.window] = attention_mask(pos, torch.cat((ring_pos, pos), dim=1), self.window)
         for i, (slot, start, n) in enumerate(plan.chunks):
