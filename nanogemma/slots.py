@@ -43,7 +43,7 @@ class _Plan:
         self.chunks: list[tuple[int, int, int]] | None = None
         self.sel = torch.zeros(0, dtype=torch.long, device=device)  # the chunks' slots, as an index
         self.rows = slots  # a decode step covers slots 0..rows-1
-        self.keys: int | None = None  # eager decode: attend to the first `keys` entries of global layers
+        self.keys: int | None = None  # eager decode: attend to the first `keys` entries (see `_decode`)
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next position
         self.row_ids = torch.arange(slots, device=device)  # the decode step's rows: slots 0..rows-1
         self.masks: dict[int | None, Tensor] = {}  # one mask per layer type per eager call
