@@ -25,7 +25,11 @@ attention sees its own history and nothing else, whatever the other slots hold.
    or two. A long prompt is fed a chunk per step between the decode steps, so it delays the others by a
    chunk's time, not by its whole length: the smaller `step_tokens`, the less it stretches their token
    gaps (each prompt still gets `MIN_CHUNK` tokens a step, so a burst is not served a few at a time). A
-   prompt's last chunk gives its first token;
+   prompt's last chunk gives its first token. When prompts are being prefilled, the decoding slots can
+   ride in the same call as rows of one token each (`decode_in_prefill`): a decode step reads every weight
+   once whatever its rows, so on a CPU, where that read is most of a decode step's time, one call instead
+   of two saves a whole pass over the weights; the riders' pads (the call's chunk length less one) cost
+   compute instead. "auto" decides per step from the engine's own timings of both kinds of call;
 5. sample each new token with its request's own `Sampler` (its parameters, its seeded generator, its
    repetition history), and finish a request at a stop id, at `max_new_tokens` or at the context limit.
    Its slot is free for the next step.
@@ -69,6 +73,7 @@ DEFAULT_STEP_TOKENS = 256
 DEFAULT_CONTEXT = 8192
 MIN_CHUNK = 16  # prompt tokens a step gives each prompt being prefilled, at least
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
+RIDE_MODES = ("auto", "always", "never")
 
 
 def check_settings(slots: int, step_tokens: int, max_queue: int, prefix_cache: int) -> None:
@@ -126,6 +131,7 @@ class EngineStats:
     busy_seconds: float = 0.0
     prefix_hits: int = 0  # requests that started from a stored prefix
     prefix_tokens: int = 0  # prompt tokens those requests did not have to prefill
+    merged_steps: int = 0  # steps whose decoding slots rode in the prefill call
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -136,14 +142,22 @@ class Engine:
 
     `max_len` is each slot's context (prompt plus new tokens), `step_tokens` the tokens one step may feed
     (decode and prefill together), `max_queue` how many requests may wait for a slot, `prefix_cache` how many
-    prompt prefixes to keep for reuse (0: none).
+    prompt prefixes to keep for reuse (0: none), `decode_in_prefill` whether decoding slots ride in the
+    prefill call ("auto": when the engine's timings say one call is cheaper than two; CPU only, where a
+    call's time is measured without synchronising a device).
     """
 
     def __init__(self, model: Gemma, slots: int = DEFAULT_SLOTS, max_len: int | None = None,
                  step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = 64, compile: bool | str = False,
-                 pad_id: int = 0, prefix_cache: int = 0):
+                 pad_id: int = 0, prefix_cache: int = 0, decode_in_prefill: str = "auto"):
         cfg = model.config
         check_settings(slots, step_tokens, max_queue, prefix_cache)
+        if decode_in_prefill not in RIDE_MODES:
+            raise NanogemmaError(f"decode_in_prefill must be one of {', '.join(RIDE_MODES)}, "
+                                 f"got {decode_in_prefill!r}")
+        self.ride = decode_in_prefill if decode_in_prefill != "auto" or model.device.type == "cpu" else "never"
+        self.decode_s: float | None = None  # recent seconds per decode call
+        self.token_s: float | None = None  # recent seconds per row-token of a prefill call (pads included)
         self.prefixes = PrefixCache(prefix_cache) if prefix_cache else None
         self.model, self.slots, self.pad_id = model, slots, pad_id
         self.max_len = min(max_len or min(DEFAULT_CONTEXT, cfg.max_seq_len), cfg.max_seq_len)
@@ -214,9 +228,7 @@ class Engine:
             return False
         t0 = time.perf_counter()
         decoding = [r for r in self.active if r is not None and r.fed == len(r.prompt)]
-        if decoding:
-            self._decode(decoding)
-        self._prefill(max(self.step_tokens - len(decoding), 1))
+        self._prefill(max(self.step_tokens - len(decoding), 1), decoding)
         self.stats.steps += 1
         self.stats.busy_seconds += time.perf_counter() - t0
         return True
@@ -235,8 +247,9 @@ class Engine:
         req.sampler.observe([req.prompt])
         self.active[slot] = req
 
-    def _prefill(self, budget: int) -> None:
-        """Feed the next chunk of every prompt still being prefilled, all as rows of one forward call.
+    def _prefill(self, budget: int, decoding: list[Request]) -> None:
+        """Feed the next chunk of every prompt still being prefilled, all as rows of one forward call, and
+        decode the `decoding` slots: as riders in the first such call, or on their own before it.
 
         A burst of new prompts is thus prefilled as one batch rather than one slot after another. The
         prompts share the budget equally, so a short one is through in a step or two even beside a long
@@ -246,14 +259,32 @@ class Engine:
         against the budget: they cost as much as tokens. A second call runs when the first left budget
         over (chunks cut short at a block boundary, or prompts finished).
         """
+        riders = decoding
         while budget > 0:
             reqs = [r for r in self.active if r is not None and r.fed < len(r.prompt)]
             if not reqs:
-                return
+                break
             share = max(min(MIN_CHUNK, self.step_tokens), budget // len(reqs))
             chunks = [self._chunk(r, share) for r in reqs]
-            self._feed(reqs, chunks)
-            budget -= len(reqs) * max(len(c) for c in chunks)
+            longest = max(len(c) for c in chunks)
+            if riders and not self._rides(len(riders), longest):
+                self._decode(riders)
+                riders = []
+            self._feed(reqs, chunks, riders)
+            self.stats.merged_steps += bool(riders)
+            riders = []
+            budget -= len(reqs) * longest
+        if riders:
+            self._decode(riders)
+
+    def _rides(self, riders: int, longest: int) -> bool:
+        """Whether `riders` decoding slots should join a prefill call of chunks `longest` tokens long: when
+        their pads cost less than a decode call of their own (on the engine's recent timings)."""
+        if self.ride != "auto":
+            return self.ride == "always"
+        if self.decode_s is None or self.token_s is None:
+            return False
+        return riders * (longest - 1) * self.token_s < self.decode_s
 
     def _chunk(self, req: Request, share: int) -> list[int]:
         """The request's next prompt tokens, at most `share` of them."""
@@ -264,23 +295,33 @@ class Engine:
                 end = aligned
         return req.prompt[req.fed:end]
 
-    def _feed(self, reqs: list[Request], chunks: list[list[int]]) -> None:
-        """One forward call: row i feeds `chunks[i]` to the slot of `reqs[i]` (pads at position -1)."""
-        T, device = max(len(c) for c in chunks), self.model.device
-        ids = torch.full((len(reqs), T), self.pad_id, dtype=torch.long)
-        pos = torch.full((len(reqs), T), -1, dtype=torch.long)
-        for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
-            start = self.cache.lengths[req.slot]
+    def _feed(self, reqs: list[Request], chunks: list[list[int]], riders: Sequence[Request] = ()) -> None:
+        """One forward call: row i feeds `chunks[i]` to the slot of `reqs[i]` (pads at position -1); then one
+        row per rider, its pending token (a decode step in this call)."""
+        t0 = time.perf_counter()
+        rows, device = len(reqs) + len(riders), self.model.device
+        fed = [*chunks, *([int(self.pending[r.slot])] for r in riders)]
+        T = max(len(c) for c in fed)
+        ids = torch.full((rows, T), self.pad_id, dtype=torch.long)
+        pos = torch.full((rows, T), -1, dtype=torch.long)
+        slots = [r.slot for r in (*reqs, *riders)]
+        for i, (slot, chunk) in enumerate(zip(slots, fed, strict=True)):
+            start = self.cache.lengths[slot]
             ids[i, :len(chunk)] = torch.tensor(chunk)
             pos[i, :len(chunk)] = torch.arange(start, start + len(chunk))
-        self.cache.plan_chunks([r.slot for r in reqs], [len(c) for c in chunks])
+        self.cache.plan_chunks(slots, [len(c) for c in fed])
         hidden = self.model.hidden(ids.to(device), pos.to(device), self.cache)
+        # The head only for rows that need a token: prompts ending here and riders, at their last real token.
         done = [i for i, (r, c) in enumerate(zip(reqs, chunks, strict=True)) if r.fed + len(c) == len(r.prompt)]
+        done += range(len(reqs), rows)
         logits: dict[int, Tensor] = {}
-        if done:  # the head only for rows whose prompt ends here, at each one's last real token
-            last = torch.tensor([len(chunks[i]) - 1 for i in done], device=device)
+        if done:
+            last = torch.tensor([len(fed[i]) - 1 for i in done], device=device)
             logits = dict(zip(done, self.model.logits(hidden[torch.tensor(done, device=device), last]).float(),
                               strict=True))
+        for i, r in enumerate(riders, start=len(reqs)):
+            self.cache.lengths[r.slot] += 1
+            self._emit(r, logits[i][None])
         for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
             self.cache.lengths[req.slot] += len(chunk)
             req.fed += len(chunk)
@@ -290,8 +331,10 @@ class Engine:
                 self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(req.slot))
             if i in logits:
                 self._emit(req, logits[i][None])
+        self.token_s = _recent(self.token_s, (time.perf_counter() - t0) / (rows * T))
 
     def _decode(self, decoding: list[Request]) -> None:
+        t0 = time.perf_counter()
         rows = self.slots if self.cache.static else max(r.slot for r in decoding) + 1
         pos = torch.full((rows, 1), -1, dtype=torch.long)
         for r in decoding:
@@ -304,6 +347,7 @@ class Engine:
         for i, r in enumerate(decoding):
             self.cache.lengths[r.slot] += 1
             self._emit(r, logits[i:i + 1])
+        self.decode_s = _recent(self.decode_s, time.perf_counter() - t0)
 
     def _emit(self, req: Request, logits: Tensor) -> None:
         """Sample the request's next token; hand it over, or finish the request."""
@@ -396,3 +440,8 @@ class Engine:
 
         compiled = torch.compile(decode_step, **compile_options(how, cuda))
         return (lambda ids, pos: compiled(ids, pos).clone()) if cuda else compiled
+
+
+def _recent(average: float | None, value: float) -> float:
+    """A running average that follows the last few calls (the machine's speed drifts)."""
+    return value if average is None else 0.7 * average + 0.3 * value

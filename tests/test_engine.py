@@ -46,12 +46,15 @@ def run_all(engine: Engine, max_steps: int = 10_000) -> None:
     raise AssertionError("the engine did not finish")
 
 
-def test_staggered_arrivals_equal_each_prompt_alone(model):
-    """7 requests through 3 slots, arriving while others decode: slots are reused, rings wrap many times."""
+@pytest.mark.parametrize("ride", ["never", "always"])
+def test_staggered_arrivals_equal_each_prompt_alone(model, ride):
+    """7 requests through 3 slots, arriving while others decode: slots are reused, rings wrap many times.
+    The decoding slots take their steps in calls of their own, or as rows of the prefill calls."""
     sizes = [(2, 60), (W, 25), (17, 70), (30, 5), (3, 40), (41, 33), (12, 50)]
     prompts = [prompt(n) for n, _ in sizes]
     expected = [lone(model, p, m) for p, (_, m) in zip(prompts, sizes, strict=True)]
-    engine = Engine(model, slots=3, max_len=128, step_tokens=6)  # 41 tokens: prefilled over many steps
+    # 41 tokens: prefilled over many steps
+    engine = Engine(model, slots=3, max_len=128, step_tokens=6, decode_in_prefill=ride)
     reqs = [Request(p, m) for p, (_, m) in zip(prompts, sizes, strict=True)]
     for i, req in enumerate(reqs):
         engine.submit(req)
@@ -62,6 +65,7 @@ def test_staggered_arrivals_equal_each_prompt_alone(model):
     assert all(r.finish_reason == "length" for r in reqs)
     assert engine.busy_slots == 0 and engine.queue_depth == 0
     assert len(set(expected[2])) > 10  # the comparison is only meaningful if the text varies
+    assert (engine.stats.merged_steps > 10) == (ride == "always")
 
 
 def test_early_finishes_free_their_slots_and_leave_the_others_unchanged(model):
@@ -221,9 +225,11 @@ def test_real_model_past_the_window_beside_a_short_request(model_and_tok):
     long_ids = tok.encode(text)
     assert len(long_ids) > 520  # past the 512-token window
     short_ids = tok.encode("The capital of France is")
-    engine = Engine(model, slots=2, max_len=560, step_tokens=192)  # the long prompt takes 3 chunks
+    # The long prompt takes 3 chunks, and the short one decodes as a row of those calls.
+    engine = Engine(model, slots=2, max_len=560, step_tokens=192, decode_in_prefill="always")
     got = engine.generate([short_ids, long_ids], 4)
     assert got == [lone(model, short_ids, 4), lone(model, long_ids, 4)]
+    assert engine.stats.merged_steps >= 2
 
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(model):
@@ -276,9 +282,10 @@ def record_feeds(engine: Engine, monkeypatch) -> list[list[tuple[int, int]]]:
     calls: list[list[tuple[int, int]]] = []
     real = engine._feed
 
-    def feed(reqs, chunks):
-        calls.append(sorted((r.slot, len(c)) for r, c in zip(reqs, chunks, strict=True)))
-        real(reqs, chunks)
+    def feed(reqs, chunks, riders=()):
+        calls.append(sorted([*((r.slot, len(c)) for r, c in zip(reqs, chunks, strict=True)),
+                             *((r.slot, 1) for r in riders)]))
+        real(reqs, chunks, riders)
 
     monkeypatch.setattr(engine, "_feed", feed)
     return calls
@@ -295,7 +302,7 @@ def test_several_slots_are_prefilled_in_one_call_and_equal_each_prompt_alone(mod
              prompt(130, seed=22)]
     later = [prompt(2 * W + 3, seed=24), system + prompt(20, seed=25)]
     expected = [lone(model, p, 12) for p in first + later]
-    engine = Engine(model, slots=7, max_len=200, step_tokens=160, prefix_cache=4)
+    engine = Engine(model, slots=7, max_len=200, step_tokens=160, prefix_cache=4, decode_in_prefill="never")
     assert engine.generate([system + [5]], 1) == [lone(model, system + [5], 1)]  # stores the system prompt
     calls = record_feeds(engine, monkeypatch)
     reqs = [engine.submit(Request(p, 12)) for p in first]
@@ -320,7 +327,7 @@ def test_several_slots_are_prefilled_in_one_call_and_equal_each_prompt_alone(mod
 def test_a_short_prompt_is_not_held_behind_a_long_one(model, monkeypatch):
     """A 200-token prompt and a 5-token one arrive together while two requests decode: they share the step's
     prompt budget, so the short one's first token comes at once, and the decodes keep a token per step."""
-    engine = Engine(model, slots=4, max_len=256, step_tokens=40)
+    engine = Engine(model, slots=4, max_len=256, step_tokens=40, decode_in_prefill="never")
     running = [engine.submit(Request(prompt(n, seed=26), 60)) for n in (4, 6)]
     while not all(r.tokens for r in running):
         engine.step()
@@ -385,3 +392,27 @@ def test_a_prefix_that_served_a_request_outlives_a_burst_of_new_ones():
     one.longest(shared + [1])
     one.put(tails[0], ["tail"])
     assert tails[0] in one and shared not in one
+
+
+def test_decoding_slots_ride_in_the_prefill_call_when_their_pads_cost_less_than_a_call(model, monkeypatch):
+    """"auto" merges a step's decode rows into its prefill call when (rows x (chunk - 1)) pad tokens cost
+    less than a decode call, on the engine's own recent timings; else the decode call runs on its own."""
+    engine = Engine(model, slots=3, max_len=128, step_tokens=40)
+    running = engine.submit(Request(prompt(4, seed=40), 30))
+    engine.step()
+    engine.step()  # a decode call of its own: there is no prefill to ride in
+    assert engine.decode_s is not None and engine.token_s is not None and engine.stats.merged_steps == 0
+    calls = record_feeds(engine, monkeypatch)
+    long = engine.submit(Request(prompt(60, seed=41), 5))
+    # A 1-row decode call costing 10 token-slots: 1 x (39 - 1) pads are dearer, so two calls.
+    engine.decode_s, engine.token_s = 10.0, 1.0
+    engine.step()
+    assert calls[-1] == [(long.slot, 39)] and engine.stats.merged_steps == 0
+    # The same call costing 100 token-slots: cheaper to ride, so one call with a 1-token row.
+    engine.decode_s, engine.token_s = 100.0, 1.0
+    engine.step()
+    assert calls[-1] == sorted([(long.slot, 21), (running.slot, 1)]) and engine.stats.merged_steps == 1
+    run_all(engine)
+    assert running.tokens == lone(model, prompt(4, seed=40), 30) and long.tokens == lone(model, prompt(60, seed=41), 5)
+    with pytest.raises(NanogemmaError, match="decode_in_prefill"):
+        Engine(model, decode_in_prefill="sometimes")
