@@ -32,7 +32,7 @@ import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,12 +59,13 @@ _LIB.impl("int8_linear", lambda x, key, out_features: x.new_empty(x.shape[0], ou
 _int8_linear = torch.ops.nanogemma.int8_linear
 
 
-def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8: (q int8 (O, I), scale float32 (O,)) with w ~= q * scale[:, None]."""
+def quantize_rows(w: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (q int8 (O, I), scale float32 (O,)) with w ~= q * scale[:, None]; with
+    `input_scale` c (I,), of w / c instead."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for i in range(0, w.shape[0], 4096):  # in blocks: the float temporaries stay small and in cache
-        block = w[i:i + 4096].float()
+        block = w[i:i + 4096].float() if input_scale is None else w[i:i + 4096].float() / input_scale
         s = (block.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # an all-zero row must not divide by zero
         q[i:i + 4096] = (block / s[:, None]).round_().clamp_(-127, 127)  # not in place: block may be w
         scale[i:i + 4096] = s
@@ -74,9 +75,9 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 _PACK_ROWS = 65_536
 
 
-def _prepack(weight: Tensor) -> object:
-    """fbgemm's packed form of per-row int8 `weight` (opaque: not a state-dict tensor)."""
-    return _prepack_rows(*quantize_rows(weight))
+def _prepack(weight: Tensor, input_scale: Tensor | None = None) -> object:
+    """fbgemm's packed form of per-row int8 `weight` (/ `input_scale`; opaque: not a state-dict tensor)."""
+    return _prepack_rows(*quantize_rows(weight, input_scale))
 
 
 def _prepack_rows(q: Tensor, scale: Tensor) -> object:
@@ -102,8 +103,6 @@ class Int8Linear(nn.Module):
         c = None
         if input_scale is not None and self.kernel == "int8":
             c = input_scale.detach().to(weight.device, torch.float32)
-            if rows is None:
-                weight = weight.detach() / c
         self.register_buffer("input_scale", c)
         if self.kernel == "int8":
             # fbgemm packs one matrix on one core, so a large weight is packed in blocks of rows, `workers`
@@ -114,7 +113,7 @@ class Int8Linear(nn.Module):
             else:
                 blocks = weight.detach().split(_PACK_ROWS)
                 with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
-                    self.packed = list(pool.map(_prepack, blocks))
+                    self.packed = list(pool.map(lambda block: _prepack(block, c), blocks))
             self.key = next(_KEYS)
             _LAYERS[self.key] = self
         else:
@@ -391,18 +390,30 @@ def input_ranges(model: Gemma, ids: Tensor) -> dict[nn.Module, Tensor]:
     return ranges
 
 
-def smoothing_scale(x_range: Tensor, weight: Tensor, alpha: float = SMOOTHING_ALPHA) -> Tensor:
+def _column_range(weights: Sequence[Tensor]) -> Tensor:
+    """max |w[:, j]| over the rows of all `weights` (the parts of one fused product), a block at a time."""
+    out = None
+    for w in weights:
+        for block in w.detach().split(_PACK_ROWS):
+            r = block.abs().amax(0).float()
+            out = r if out is None else torch.maximum(out, r)
+    return out
+
+
+def smoothing_scale(x_range: Tensor, weights: Tensor | Sequence[Tensor], alpha: float = SMOOTHING_ALPHA) -> Tensor:
     """Per-input-channel c for `Int8Linear(weight, input_scale=c)`: c_j = max|w_j|^(1-a) / max|x_j|^a.
 
     Dynamic int8 rounds each row of x on one scale, set by its largest entry. In Gemma a few input channels
     (of the normed hidden states, and of the MLP's intermediate) are far larger than the rest, so they set
     that scale and the other channels get a handful of levels. x * c evens the channels out; the weight's
     columns take 1/c, where per-output-row rounding absorbs it (SmoothQuant's migration of the difficulty
-    from activations to weights, with `alpha` its share). Channels that were silent in calibration keep a
-    floor, so that c stays finite.
+    from activations to weights, with `alpha` its share). `x_range` is max|x_j| over calibration rows;
+    `weights`, the weight or the parts of a fused one (they share its columns). Channels silent in
+    calibration, or in the weight, get a floor, so that c stays finite.
     """
-    xr = x_range.float().clamp_min(float(x_range.max()) * 1e-5 + 1e-30)
-    wr = weight.detach().abs().amax(0).float().clamp_min(float(weight.detach().abs().max()) * 1e-5 + 1e-30)
+    wr = _column_range([weights] if isinstance(weights, Tensor) else weights)
+    xr = x_range.float()
+    xr, wr = xr.clamp_min(float(xr.max()) * 1e-5 + 1e-30), wr.clamp_min(float(wr.max()) * 1e-5 + 1e-30)
     return wr.pow(1 - alpha) / xr.pow(alpha)
 
 
@@ -418,13 +429,13 @@ def quantize_model(model: Gemma, mode: str = "int8", calibration: Tensor | None 
     if mode == "int8" and calibration is not None and model.device.type == "cpu":  # elsewhere: int8-wo
         ids = calibration.reshape(1, -1)[:, :model.config.max_seq_len]
         with torch.no_grad():
-            weights = {m: m.weight for b in model.layers for m in (b.attn.wq, b.attn.wo, b.mlp.gate, b.mlp.down)}
             ranges = input_ranges(model, ids)
-            for b in model.layers:  # a fused product's columns are shared: its weight is all its layers'
-                weights[b.attn.wq] = torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight])
-                weights[b.mlp.gate] = torch.cat([b.mlp.gate.weight, b.mlp.up.weight])
-            weights[model.lm_head] = model.lm_head.weight
-            scales = {m: smoothing_scale(r, weights[m]) for m, r in ranges.items()}
+            parts = {model.lm_head: [model.lm_head.weight]}
+            for b in model.layers:  # a fused product's columns belong to all its parts
+                parts.update({b.attn.wq: [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight],
+                              b.attn.wo: [b.attn.wo.weight], b.mlp.gate: [b.mlp.gate.weight, b.mlp.up.weight],
+                              b.mlp.down: [b.mlp.down.weight]})
+            scales = {m: smoothing_scale(r, parts[m]) for m, r in ranges.items()}
     workers = torch.get_num_threads()  # fbgemm packs on one core: spread the matrices over all of them
     with torch.no_grad():
         head = Int8Linear(model.lm_head.weight, mode, workers, input_scale=scales.get(model.lm_head))
