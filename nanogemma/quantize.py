@@ -18,6 +18,10 @@ Two kernels are offered, both from PyTorch itself:
 * `int8` — **dynamic** int8 (fbgemm's packed-weight `quantized::linear_dynamic`): each call also rounds
   the activations to 7 bits (one scale per row, computed on the fly), then multiplies integers with
   AVX2. The fastest on x86 CPUs; the activation rounding adds a little error on top of the weights'.
+  A few input channels of Gemma's activations are far larger than the others and would set each row's
+  scale, so each layer first multiplies x by a per-channel `input_scale` c, measured once at load on a
+  short shipped passage, and its weight holds w / c instead (`smoothing_scale`): the same product, with
+  the rounding spread more evenly between activations and weights.
 * `int8-wo` — **weight-only** int8 (`aten._weight_int8pack_mm`): activations stay in floating point and
   the int8 weights are converted inside the kernel. More exact, slower on CPUs without AVX-512; it is also
   the kernel on CUDA.
@@ -363,31 +367,32 @@ def packed_view(model: Gemma) -> Gemma:
 
 
 def calibration_text() -> str:
-    """The passage dynamic int8 measures activation ranges on (`nanogemma/calibration.txt`): a few hundred
+    """The passage dynamic int8 measures activations on (`nanogemma/calibration.txt`): a few hundred
     tokens of mixed prose, a recipe, a question and answer, code, a letter and other languages, written for
     this package (no evaluation text: a perplexity measured on it would flatter the scales)."""
     return (Path(__file__).parent / "calibration.txt").read_text(encoding="utf-8")
 
 
-def input_ranges(model: Gemma, ids: Tensor) -> dict[nn.Module, Tensor]:
-    """The largest |x_j| of each input channel j that every projection (and the head) sees in one forward of
-    the plain model over `ids` (1, T), keyed by the float layer taking x (`model.lm_head` for the head)."""
-    ranges: dict[nn.Module, Tensor] = {}
+def input_magnitudes(model: Gemma, ids: Tensor) -> dict[nn.Module, Tensor]:
+    """The root-mean-square of each input channel j that every projection (and the head) sees in one
+    forward of the plain model over `ids` (1, T), keyed by the float layer taking x (`model.lm_head` for
+    the head). A mean, not a maximum: the channels that matter are the ones large on every row, and one
+    odd token of the calibration text should not decide a channel's scale."""
+    found: dict[nn.Module, Tensor] = {}
 
-    def record(layer: nn.Module, args: tuple) -> None:
-        ranges[layer] = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+    def rms(x: Tensor) -> Tensor:
+        return x.detach().flatten(0, -2).float().pow(2).mean(0).sqrt()
 
     layers = [m for block in model.layers for m in (block.attn.wq, block.attn.wo, block.mlp.gate, block.mlp.down)]
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    hooks = [m.register_forward_pre_hook(lambda layer, args: found.__setitem__(layer, rms(args[0])))
+             for m in layers]
     try:
-        with torch.no_grad():
-            # the blocks, then the final norm: the head's product itself is not needed, only its input
-            ranges[model.lm_head] = model.final_norm(model.hidden(ids)).flatten(0, -2) \
-                .abs().amax(0).float()
+        with torch.no_grad():  # the blocks, then the final norm: the head's product itself is not needed
+            found[model.lm_head] = rms(model.final_norm(model.hidden(ids)))
     finally:
         for h in hooks:
             h.remove()
-    return ranges
+    return found
 
 
 def _column_range(weights: Sequence[Tensor]) -> Tensor:
@@ -400,19 +405,20 @@ def _column_range(weights: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def smoothing_scale(x_range: Tensor, weights: Tensor | Sequence[Tensor], alpha: float = SMOOTHING_ALPHA) -> Tensor:
-    """Per-input-channel c for `Int8Linear(weight, input_scale=c)`: c_j = max|w_j|^(1-a) / max|x_j|^a.
+def smoothing_scale(x_size: Tensor, weights: Tensor | Sequence[Tensor], alpha: float = SMOOTHING_ALPHA) -> Tensor:
+    """Per-input-channel c for `Int8Linear(weight, input_scale=c)`: c_j = max|w_j|^(1-a) / |x_j|^a.
 
     Dynamic int8 rounds each row of x on one scale, set by its largest entry. In Gemma a few input channels
     (of the normed hidden states, and of the MLP's intermediate) are far larger than the rest, so they set
     that scale and the other channels get a handful of levels. x * c evens the channels out; the weight's
     columns take 1/c, where per-output-row rounding absorbs it (SmoothQuant's migration of the difficulty
-    from activations to weights, with `alpha` its share). `x_range` is max|x_j| over calibration rows;
-    `weights`, the weight or the parts of a fused one (they share its columns). Channels silent in
-    calibration, or in the weight, get a floor, so that c stays finite.
+    from activations to weights, with `alpha` its share). `x_size` is each channel's typical magnitude in
+    calibration (`input_magnitudes`; SmoothQuant takes the maximum, which measured worse here: see
+    docs/BENCHMARKS.md); `weights`, the weight or the parts of a fused one (they share its columns).
+    Channels silent in calibration, or in the weight, get a floor, so that c stays finite.
     """
     wr = _column_range([weights] if isinstance(weights, Tensor) else weights)
-    xr = x_range.float()
+    xr = x_size.float()
     xr, wr = xr.clamp_min(float(xr.max()) * 1e-5 + 1e-30), wr.clamp_min(float(wr.max()) * 1e-5 + 1e-30)
     return wr.pow(1 - alpha) / xr.pow(alpha)
 
@@ -421,7 +427,7 @@ def quantize_model(model: Gemma, mode: str = "int8", calibration: Tensor | None 
     """Replace every projection and the output head by `Int8Linear`, in place; returns the model.
 
     `calibration` (token ids, (1, T) or (T,)), for the dynamic kernel: one forward over them measures each
-    projection's input ranges first, and each layer then rounds x * c (see `smoothing_scale`); without
+    projection's input channels first, and each layer then rounds x * c (see `smoothing_scale`); without
     it each row of x is rounded as it comes."""
     if mode not in MODES:
         raise NanogemmaError(f"unknown quantization '{mode}'; choose from: {', '.join(MODES)}")
@@ -429,13 +435,13 @@ def quantize_model(model: Gemma, mode: str = "int8", calibration: Tensor | None 
     if mode == "int8" and calibration is not None and model.device.type == "cpu":  # elsewhere: int8-wo
         ids = calibration.reshape(1, -1)[:, :model.config.max_seq_len]
         with torch.no_grad():
-            ranges = input_ranges(model, ids)
+            sizes = input_magnitudes(model, ids)
             parts = {model.lm_head: [model.lm_head.weight]}
             for b in model.layers:  # a fused product's columns belong to all its parts
                 parts.update({b.attn.wq: [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight],
                               b.attn.wo: [b.attn.wo.weight], b.mlp.gate: [b.mlp.gate.weight, b.mlp.up.weight],
                               b.mlp.down: [b.mlp.down.weight]})
-            scales = {m: smoothing_scale(r, parts[m]) for m, r in ranges.items()}
+            scales = {m: smoothing_scale(r, parts[m]) for m, r in sizes.items()}
     workers = torch.get_num_threads()  # fbgemm packs on one core: spread the matrices over all of them
     with torch.no_grad():
         head = Int8Linear(model.lm_head.weight, mode, workers, input_scale=scales.get(model.lm_head))
