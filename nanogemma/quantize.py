@@ -48,7 +48,7 @@ from .errors import NanogemmaError
 from .model import MLP, Attention, Gemma, TiedHead
 
 MODES = ("int8", "int8-wo")
-SMOOTHING_ALPHA = 0.7
+SMOOTHING_ALPHA = 0.7  # the activations' share in `smoothing_scale`: the best measured (docs/BENCHMARKS.md)
 
 # torch.compile cannot trace fbgemm's packed weights (an opaque C++ object), so compiled code reaches them
 # through an opaque op that takes the layer's key. It is registered with the low-level `torch.library.Library`
