@@ -367,9 +367,10 @@ def packed_view(model: Gemma) -> Gemma:
 
 
 def calibration_text() -> str:
-    """The passage dynamic int8 measures activations on (`nanogemma/calibration.txt`): a few hundred
-    tokens of mixed prose, a recipe, a question and answer, code, a letter and other languages, written for
-    this package (no evaluation text: a perplexity measured on it would flatter the scales)."""
+    """The passage dynamic int8 measures activations on (`nanogemma/calibration.txt`): about 150 tokens
+    of prose, a recipe, a question and answer, code, a letter and two other languages, written for this
+    package (no evaluation text: a perplexity measured on it would flatter the scales). Short, because its
+    forward is paid at every load; a passage of 400 tokens measured little better (docs/BENCHMARKS.md)."""
     return (Path(__file__).parent / "calibration.txt").read_text(encoding="utf-8")
 
 

@@ -141,6 +141,7 @@ def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, mon
     assert isinstance(packed.layers[1].mlp.gate_up, PackedLinear) == PackedLinear.available(torch.zeros(1))
     q, _ = load_for_inference(str(tiny_hf), quantize="int8")
     assert isinstance(q.layers[1].attn.wqkv, Int8Linear) and isinstance(q.lm_head, Int8Linear)
+    assert q.lm_head.input_scale is not None  # dynamic int8 was calibrated on the shipped passage
     unpacked, _ = load_for_inference(str(tiny_hf), pack=False)
     assert getattr(unpacked.layers[1].attn, "wqkv", None) is None
 
