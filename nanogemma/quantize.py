@@ -18,6 +18,10 @@ Two kernels are offered, both from PyTorch itself:
 * `int8` — **dynamic** int8 (fbgemm's packed-weight `quantized::linear_dynamic`): each call also rounds
   the activations to 7 bits (one scale per row, computed on the fly), then multiplies integers with
   AVX2. The fastest on x86 CPUs; the activation rounding adds a little error on top of the weights'.
+  A few input channels of Gemma's activations are far larger than the others and would set each row's
+  scale, so each layer first multiplies x by a per-channel `input_scale` c, measured once at load on a
+  short shipped passage, and its weight holds w / c instead (`smoothing_scale`): the same product, with
+  the rounding spread more evenly between activations and weights.
 * `int8-wo` — **weight-only** int8 (`aten._weight_int8pack_mm`): activations stay in floating point and
   the int8 weights are converted inside the kernel. More exact, slower on CPUs without AVX-512; it is also
   the kernel on CUDA.
@@ -32,8 +36,9 @@ import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,7 @@ from .errors import NanogemmaError
 from .model import MLP, Attention, Gemma, TiedHead
 
 MODES = ("int8", "int8-wo")
+SMOOTHING_ALPHA = 0.7  # the activations' share in `smoothing_scale`: the best measured (docs/BENCHMARKS.md)
 
 # torch.compile cannot trace fbgemm's packed weights (an opaque C++ object), so compiled code reaches them
 # through an opaque op that takes the layer's key. It is registered with the low-level `torch.library.Library`
@@ -57,12 +63,13 @@ _LIB.impl("int8_linear", lambda x, key, out_features: x.new_empty(x.shape[0], ou
 _int8_linear = torch.ops.nanogemma.int8_linear
 
 
-def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8: (q int8 (O, I), scale float32 (O,)) with w ~= q * scale[:, None]."""
+def quantize_rows(w: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: (q int8 (O, I), scale float32 (O,)) with w ~= q * scale[:, None]; with
+    `input_scale` c (I,), of w / c instead."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for i in range(0, w.shape[0], 4096):  # in blocks: the float temporaries stay small and in cache
-        block = w[i:i + 4096].float()
+        block = w[i:i + 4096].float() if input_scale is None else w[i:i + 4096].float() / input_scale
         s = (block.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # an all-zero row must not divide by zero
         q[i:i + 4096] = (block / s[:, None]).round_().clamp_(-127, 127)  # not in place: block may be w
         scale[i:i + 4096] = s
@@ -72,9 +79,9 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 _PACK_ROWS = 65_536
 
 
-def _prepack(weight: Tensor) -> object:
-    """fbgemm's packed form of per-row int8 `weight` (opaque: not a state-dict tensor)."""
-    return _prepack_rows(*quantize_rows(weight))
+def _prepack(weight: Tensor, input_scale: Tensor | None = None) -> object:
+    """fbgemm's packed form of per-row int8 `weight` (/ `input_scale`; opaque: not a state-dict tensor)."""
+    return _prepack_rows(*quantize_rows(weight, input_scale))
 
 
 def _prepack_rows(q: Tensor, scale: Tensor) -> object:
@@ -89,12 +96,18 @@ class Int8Linear(nn.Module):
     """A bias-free linear layer over int8 weights; see the module docstring for the two kernels."""
 
     def __init__(self, weight: Tensor, kernel: str = "int8", workers: int = 1,
-                 rows: tuple[Tensor, Tensor] | None = None):
+                 rows: tuple[Tensor, Tensor] | None = None, input_scale: Tensor | None = None):
         super().__init__()
         if kernel not in MODES:
             raise NanogemmaError(f"unknown int8 kernel '{kernel}'; choose from: {', '.join(MODES)}")
         self.out_features, self.in_features = weight.shape
         self.kernel = kernel if weight.device.type == "cpu" else "int8-wo"  # fbgemm is CPU-only
+        # `input_scale` (c, one per input channel; see `smoothing_scale`): x * c is rounded and multiplied
+        # by the rows of weight / c, the same product. Only the dynamic kernel rounds x, so only it takes c.
+        c = None
+        if input_scale is not None and self.kernel == "int8":
+            c = input_scale.detach().to(weight.device, torch.float32)
+        self.register_buffer("input_scale", c)
         if self.kernel == "int8":
             # fbgemm packs one matrix on one core, so a large weight is packed in blocks of rows, `workers`
             # at a time; the products are the same, column for column, since every block rounds the same x
@@ -104,7 +117,7 @@ class Int8Linear(nn.Module):
             else:
                 blocks = weight.detach().split(_PACK_ROWS)
                 with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
-                    self.packed = list(pool.map(_prepack, blocks))
+                    self.packed = list(pool.map(lambda block: _prepack(block, c), blocks))
             self.key = next(_KEYS)
             _LAYERS[self.key] = self
         else:
@@ -125,18 +138,21 @@ class Int8Linear(nn.Module):
         the full head's for its tokens)."""
         q, scale = self.int8_rows()
         q, scale = q[ids.to(q.device)], scale[ids.to(q.device)]
-        return Int8Linear(q, self.kernel, rows=(q, scale))  # `weight` only gives the shape and device here
+        # `weight` only gives the shape and device here
+        return Int8Linear(q, self.kernel, rows=(q, scale), input_scale=self.input_scale)
 
     def weight_bytes(self) -> int:
-        return self.in_features * self.out_features + 4 * self.out_features
+        extra = 0 if self.input_scale is None else 4 * self.in_features
+        return self.in_features * self.out_features + 4 * self.out_features + extra
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
     def dequantized(self) -> Tensor:
-        """The float32 weight (O, I) these int8 rows stand for."""
+        """The float32 weight (O, I) these int8 rows stand for (with the input scale folded back in)."""
         if self.kernel == "int8":
-            return torch.cat([torch.ops.quantized.linear_unpack(p)[0].dequantize() for p in self.packed])
+            w = torch.cat([torch.ops.quantized.linear_unpack(p)[0].dequantize() for p in self.packed])
+            return w if self.input_scale is None else w * self.input_scale
         return self.q.float() * self.scale[:, None]
 
     def dynamic(self, x: Tensor) -> Tensor:
@@ -163,6 +179,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "int8":
             x2 = x2.float()
+            if self.input_scale is not None:
+                x2 = x2 * self.input_scale
             if torch.compiler.is_compiling():
                 y = _int8_linear(x2, self.key, self.out_features)
             else:
@@ -232,16 +250,20 @@ class PackedLinear(nn.Module):
         return y.view(*shape, self.out_features)
 
 
+# Builds a fused projection's kernel from (its weight, the float layer whose input it takes).
+Make = Callable[[Tensor, nn.Module], nn.Module]
+
+
 class FusedAttention(Attention):
     """Attention whose q, k and v come from one product: one pass over x, one kernel call, not three."""
 
-    def __init__(self, attn: Attention, make: Callable[[Tensor], nn.Module]):
+    def __init__(self, attn: Attention, make: Make):
         nn.Module.__init__(self)
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.window, self.scale, self.q_norm, self.k_norm = attn.window, attn.scale, attn.q_norm, attn.k_norm
         with torch.no_grad():
-            self.wqkv = make(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
-            self.wo = make(attn.wo.weight)
+            self.wqkv = make(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]), attn.wq)
+            self.wo = make(attn.wo.weight, attn.wo)
         self.sizes = [attn.wq.out_features, attn.wk.out_features, attn.wv.out_features]
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -251,24 +273,25 @@ class FusedAttention(Attention):
 class FusedMLP(MLP):
     """The MLP with gate and up from one product."""
 
-    def __init__(self, mlp: MLP, make: Callable[[Tensor], nn.Module]):
+    def __init__(self, mlp: MLP, make: Make):
         nn.Module.__init__(self)
         with torch.no_grad():
-            self.gate_up = make(torch.cat([mlp.gate.weight, mlp.up.weight]))
-            self.down = make(mlp.down.weight)
+            self.gate_up = make(torch.cat([mlp.gate.weight, mlp.up.weight]), mlp.gate)
+            self.down = make(mlp.down.weight, mlp.down)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.gate_up(x).chunk(2, dim=-1)
 
 
-def _convert(model: Gemma, make: Callable[[Tensor], nn.Module], workers: int = 1) -> None:
+def _convert(model: Gemma, make: Make, workers: int = 1) -> None:
     """Swap every block's attention and MLP for fused ones whose projections are `make(weight)`.
 
     A fused product reads the same weights in one kernel call instead of three (or two): at batch 1 each
     call has a fixed cost (the int8 kernel rounds the activations, oneDNN sets up its panels) that is a
     large share of a small matrix-vector product. The results are the same, row for row: every output row
-    still comes from its own weight row, and int8 rounds x once per call either way. `make` runs on
-    `workers` threads (torch ops release the GIL while they work).
+    still comes from its own weight row, and int8 rounds x once per call either way. `make(weight, source)`
+    gets the fused weight and the float layer whose input the product takes; it runs on `workers` threads
+    (torch ops release the GIL while they work).
     """
     def convert(block: nn.Module) -> None:
         block.attn = FusedAttention(block.attn, make)  # the separate weights go with the old modules
@@ -293,7 +316,7 @@ def pack_model(model: Gemma, go: threading.Event | None = None) -> Gemma:
         packed_head = PackedLinear(head)
     except (RuntimeError, NotImplementedError):  # a CPU or build without the packed kernel: keep F.linear
         return model
-    _convert(model, lambda w: PackedLinear(w, keep_weight=False))
+    _convert(model, lambda w, _source: PackedLinear(w, keep_weight=False))
     model.lm_head = packed_head
     return model
 
@@ -343,13 +366,86 @@ def packed_view(model: Gemma) -> Gemma:
     return twin
 
 
-def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
-    """Replace every projection and the output head by `Int8Linear`, in place; returns the model."""
+def calibration_text() -> str:
+    """The passage dynamic int8 measures activations on (`nanogemma/calibration.txt`): about 150 tokens
+    of prose, a recipe, a question and answer, code, a letter and two other languages, written for this
+    package (no evaluation text: a perplexity measured on it would flatter the scales). Short, because its
+    forward is paid at every load; a passage of 400 tokens measured little better (docs/BENCHMARKS.md)."""
+    return (Path(__file__).parent / "calibration.txt").read_text(encoding="utf-8")
+
+
+def input_magnitudes(model: Gemma, ids: Tensor) -> dict[nn.Module, Tensor]:
+    """The root-mean-square of each input channel j that every projection (and the head) sees in one
+    forward of the plain model over `ids` (1, T), keyed by the float layer taking x (`model.lm_head` for
+    the head). A mean, not a maximum: the channels that matter are the ones large on every row, and one
+    odd token of the calibration text should not decide a channel's scale."""
+    found: dict[nn.Module, Tensor] = {}
+
+    def rms(x: Tensor) -> Tensor:
+        return x.detach().flatten(0, -2).float().pow(2).mean(0).sqrt()
+
+    layers = [m for block in model.layers for m in (block.attn.wq, block.attn.wo, block.mlp.gate, block.mlp.down)]
+    hooks = [m.register_forward_pre_hook(lambda layer, args: found.__setitem__(layer, rms(args[0])))
+             for m in layers]
+    try:
+        with torch.no_grad():  # the blocks, then the final norm: the head's product itself is not needed
+            found[model.lm_head] = rms(model.final_norm(model.hidden(ids)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _column_range(weights: Sequence[Tensor]) -> Tensor:
+    """max |w[:, j]| over the rows of all `weights` (the parts of one fused product), a block at a time."""
+    out = None
+    for w in weights:
+        for block in w.detach().split(_PACK_ROWS):
+            r = block.abs().amax(0).float()
+            out = r if out is None else torch.maximum(out, r)
+    return out
+
+
+def smoothing_scale(x_size: Tensor, weights: Tensor | Sequence[Tensor], alpha: float = SMOOTHING_ALPHA) -> Tensor:
+    """Per-input-channel c for `Int8Linear(weight, input_scale=c)`: c_j = max|w_j|^(1-a) / |x_j|^a.
+
+    Dynamic int8 rounds each row of x on one scale, set by its largest entry. In Gemma a few input channels
+    (of the normed hidden states, and of the MLP's intermediate) are far larger than the rest, so they set
+    that scale and the other channels get a handful of levels. x * c evens the channels out; the weight's
+    columns take 1/c, where per-output-row rounding absorbs it (SmoothQuant's migration of the difficulty
+    from activations to weights, with `alpha` its share). `x_size` is each channel's typical magnitude in
+    calibration (`input_magnitudes`; SmoothQuant takes the maximum, which measured worse here: see
+    docs/BENCHMARKS.md); `weights`, the weight or the parts of a fused one (they share its columns).
+    Channels silent in calibration, or in the weight, get a floor, so that c stays finite.
+    """
+    wr = _column_range([weights] if isinstance(weights, Tensor) else weights)
+    xr = x_size.float()
+    xr, wr = xr.clamp_min(float(xr.max()) * 1e-5 + 1e-30), wr.clamp_min(float(wr.max()) * 1e-5 + 1e-30)
+    return wr.pow(1 - alpha) / xr.pow(alpha)
+
+
+def quantize_model(model: Gemma, mode: str = "int8", calibration: Tensor | None = None) -> Gemma:
+    """Replace every projection and the output head by `Int8Linear`, in place; returns the model.
+
+    `calibration` (token ids, (1, T) or (T,)), for the dynamic kernel: one forward over them measures each
+    projection's input channels first, and each layer then rounds x * c (see `smoothing_scale`); without
+    it each row of x is rounded as it comes."""
     if mode not in MODES:
         raise NanogemmaError(f"unknown quantization '{mode}'; choose from: {', '.join(MODES)}")
+    scales: dict[nn.Module, Tensor] = {}
+    if mode == "int8" and calibration is not None and model.device.type == "cpu":  # elsewhere: int8-wo
+        ids = calibration.reshape(1, -1)[:, :model.config.max_seq_len]
+        with torch.no_grad():
+            sizes = input_magnitudes(model, ids)
+            parts = {model.lm_head: [model.lm_head.weight]}
+            for b in model.layers:  # a fused product's columns belong to all its parts
+                parts.update({b.attn.wq: [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight],
+                              b.attn.wo: [b.attn.wo.weight], b.mlp.gate: [b.mlp.gate.weight, b.mlp.up.weight],
+                              b.mlp.down: [b.mlp.down.weight]})
+            scales = {m: smoothing_scale(r, parts[m]) for m, r in sizes.items()}
     workers = torch.get_num_threads()  # fbgemm packs on one core: spread the matrices over all of them
     with torch.no_grad():
-        head = Int8Linear(model.lm_head.weight, mode, workers)
-    _convert(model, lambda w: Int8Linear(w, mode), workers)
+        head = Int8Linear(model.lm_head.weight, mode, workers, input_scale=scales.get(model.lm_head))
+    _convert(model, lambda w, source: Int8Linear(w, mode, input_scale=scales.get(source)), workers)
     model.lm_head = head
     return model

@@ -211,16 +211,19 @@ def load_for_inference(name_or_path: str | None, dtype: str = "float32", device:
     """`nanogemma.load` plus the optional int8 conversion, else float32 packing: what `generate`, `chat`
     and `bench` run. Pass `pack=False` for a model that torch.compile will trace (it cannot trace packed
     weights). `adapter`, a LoRA folder (peft's or a LoRA run), is merged into the weights first."""
-    from .quantize import pack_model, quantize_model
+    from .quantize import calibration_text, pack_model, quantize_model
 
     def prepare(model: Gemma, go: threading.Event) -> None:
         if adapter is not None:
             from .lora import add_adapter
 
             add_adapter(model, adapter)
-        if quantize:
+        if quantize and quantize != "int8":
             quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
-        elif pack:
+        elif pack and not quantize:
             pack_model(model, go)
 
-    return load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)
+    model, tok = load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)
+    if quantize == "int8":  # dynamic int8 calibrates its input scales on a short text: it needs the tokenizer
+        quantize_model(model, quantize, calibration=torch.tensor(tok.encode(calibration_text())))
+    return model, tok

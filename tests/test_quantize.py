@@ -141,6 +141,7 @@ def test_load_for_inference_prepares_the_model_beside_the_tokenizer(tiny_hf, mon
     assert isinstance(packed.layers[1].mlp.gate_up, PackedLinear) == PackedLinear.available(torch.zeros(1))
     q, _ = load_for_inference(str(tiny_hf), quantize="int8")
     assert isinstance(q.layers[1].attn.wqkv, Int8Linear) and isinstance(q.lm_head, Int8Linear)
+    assert q.lm_head.input_scale is not None  # dynamic int8 was calibrated on the shipped passage
     unpacked, _ = load_for_inference(str(tiny_hf), pack=False)
     assert getattr(unpacked.layers[1].attn, "wqkv", None) is None
 
@@ -204,3 +205,72 @@ def test_int8_rounds_each_row_on_its_own_scale():
     assert ((y - exact).abs() <= bound).all()
     # one scale for the whole call would give rows 1..4 the outlier's step: a thousand times coarser
     assert (step[1:] * 100 < step[0]).all()
+
+
+def _outlier_activations(rows: int, g: torch.Generator) -> torch.Tensor:
+    """Activations shaped like Gemma's normed hidden states: a few input channels far above the rest."""
+    x = torch.randn(rows, 64, generator=g)
+    x[:, [5, 40, 41]] *= 60.0
+    return x
+
+
+def test_int8_input_scale_keeps_the_product():
+    """Int8Linear(w, input_scale=c) rounds x·c and the rows of w/c: the product is still x·wᵀ.
+
+    Bound, from the kernel's arithmetic (exact integer sums of products): with x' = x·c and w' = w/c,
+    each entry of x' errs by at most half a 7-bit step over its row's range, e_i = max|x'_i| / 127, each
+    weight by half its row's step, d_o = max|w'_o| / 254, so an output errs from the float64 x·wᵀ by at
+    most e_i Σ|w'_o| + d_o (Σ|x'_i| + 64 e_i), plus float32 rounding. Multi-row and single-row calls
+    (prompt and decode step) both hold it."""
+    from nanogemma.quantize import smoothing_scale
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g)
+    x = _outlier_activations(5, g)
+    c = smoothing_scale(_outlier_activations(32, g).pow(2).mean(0).sqrt(), w)
+    lin = Int8Linear(w, "int8", input_scale=c)
+    assert torch.equal(lin.input_scale, c)
+    xs, ws = x.double() * c.double(), w.double() / c.double()
+    e = xs.abs().amax(1, keepdim=True) / 127
+    d = ws.abs().amax(1)[None, :] / 254
+    bound = e * ws.abs().sum(1)[None, :] + d * (xs.abs().sum(1, keepdim=True) + 64 * e)
+    exact = x.double() @ w.double().t()
+    bound = bound * 1.001 + 1e-4 * (xs.abs() @ ws.abs().t())
+    for y in (lin(x), torch.cat([lin(row[None]) for row in x])):
+        assert ((y.double() - exact).abs() <= bound).all()
+    # the float weight it stands for is w, each entry within half a step of w' times c
+    assert ((lin.dequantized().double() - w.double()).abs() <= d.t() * c.double()[None, :] * 1.001).all()
+    head = lin.rows(torch.tensor([3, 0, 50]))  # a draft head's rows keep the scale: the same logits
+    assert torch.equal(head(x), lin(x)[:, [3, 0, 50]])
+    assert Int8Linear(w, "int8-wo", input_scale=c).input_scale is None  # weight-only int8 rounds no x
+
+
+def test_int8_input_scale_helps_outlier_channels():
+    """With a few outlier channels, per-row rounding gives the other channels few levels; the calibrated
+    scale (from other activations than the ones tested) evens them out: the error against float64 drops."""
+    from nanogemma.quantize import smoothing_scale
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 64, generator=g)
+    x = _outlier_activations(16, g)
+    c = smoothing_scale(_outlier_activations(64, g).pow(2).mean(0).sqrt(), w)  # as `input_magnitudes`
+    exact = x.double() @ w.double().t()
+    plain = (Int8Linear(w, "int8")(x).double() - exact).norm()
+    smooth = (Int8Linear(w, "int8", input_scale=c)(x).double() - exact).norm()
+    assert smooth < 0.5 * plain, (float(smooth), float(plain))
+
+
+def test_quantize_model_calibrates_the_dynamic_kernel():
+    """With calibration ids every projection and the head of a dynamic-int8 model get an input scale,
+    measured on the plain model, and the model still computes the float model's product."""
+    ref = tiny_model()
+    ids = torch.tensor([[2, 30, 40, 50, 60, 70, 80, 90]])
+    q = quantize_model(tiny_model(), "int8", calibration=torch.arange(3, 60))
+    layers = [q.lm_head] + [m for b in q.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.gate_up, b.mlp.down)]
+    assert all(m.input_scale is not None and (m.input_scale > 0).all() for m in layers)
+    plain = quantize_model(tiny_model(), "int8")
+    assert plain.lm_head.input_scale is None
+    with torch.inference_mode():
+        a, b = ref(ids), q(ids)
+    assert (a - b).norm() < 0.15 * a.norm()  # as for the uncalibrated model (tests/test_generate.py)
+    assert quantize_model(tiny_model(), "int8-wo", calibration=ids).lm_head.input_scale is None
