@@ -146,6 +146,56 @@ LORA = {"init_from": None, "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.
         "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "max_steps": 8, "eval_every": 4, "batch_size": 4}
 
 
+def test_adapters_save_only_their_rank_wide_products_for_backward(monkeypatch):
+    """What autograd keeps from forward, beyond the parameters, against fine-tuning the same projections:
+    without dropout, the adapters take the projections' own inputs (saved once, for all the adapters on
+    one input: q, k and v share it), so they add only their r-wide A x. With dropout, each adapter keeps
+    its dropped copy of the input and a one-byte mask: 3 bytes a value less than torch's dropout, whose
+    CPU backward keeps a float noise tensor instead."""
+    from helpers import tiny_model
+
+    def saved_bytes(model, dtype=None):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params and dtype in (None, t.dtype):
+                seen[(s.data_ptr(), t.dtype)] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(IDS).logsumexp(-1).mean().backward()
+        return sum(seen.values())
+
+    def fine_tuned(targets):  # these projections trained, the rest frozen as LoRA freezes it (norm weights
+        model = tiny_model().train()  # that train would make the norms keep more)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(tuple(".".join(lora.TARGETS[t]) + ".weight" for t in targets)))
+        return model
+
+    tokens, rank, cfg = IDS.numel(), 4, tiny_model().config
+    inputs = {"q": cfg.hidden_size, "k": cfg.hidden_size, "v": cfg.hidden_size, "o": cfg.num_heads * cfg.head_dim,
+              "gate": cfg.hidden_size, "up": cfg.hidden_size, "down": cfg.intermediate_size}
+    for targets in (tuple(lora.TARGETS), ("q", "v", "down")):
+        plain = saved_bytes(fine_tuned(targets))
+        kept = saved_bytes(lora.apply_lora(tiny_model(), lora.LoRAConfig(rank=rank, targets=targets)).train())
+        assert kept - plain == cfg.num_layers * len(targets) * tokens * rank * 4, (targets, kept, plain)
+        with_dropout = lora.LoRAConfig(rank=rank, targets=targets, dropout=0.1)
+        dropped = saved_bytes(lora.apply_lora(tiny_model(), with_dropout).train())
+        masks = saved_bytes(lora.apply_lora(tiny_model(), with_dropout).train(), torch.bool)
+        with monkeypatch.context() as m:
+            m.setattr(lora, "MaskDropout", torch.nn.Dropout)
+            float_noise = saved_bytes(lora.apply_lora(tiny_model(), with_dropout).train())
+        values = cfg.num_layers * sum(inputs[t] for t in targets) * tokens  # the adapters' inputs
+        # one boolean mask per adapter, a byte a value, except on the first block's q, k and v: their input
+        # (the frozen embedding, normed) needs no gradient, so dropout keeps no mask for it
+        first = sum(inputs[t] for t in targets if t in ("q", "k", "v")) * tokens
+        assert masks == values - first, (targets, masks, values, first)
+        assert float_noise - dropped == 3 * masks  # torch's dropout keeps a float32 noise value for each
+        assert dropped - kept <= values * 5  # a copy and a mask each at most (x itself may then not be kept)
+
+
 @pytest.fixture(scope="module")
 def lora_run(data, base, tmp_path_factory):
     """An uninterrupted int8-base LoRA run of 8 steps (the reference of the resume test; exported below)."""

@@ -74,6 +74,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             z = logits.sum(dim=-1, keepdim=True)
             total += (z.log() + top).squeeze(1).sub(target).sum().double()
             if grad_h is None and grad_w is None:
+                del logits  # now, not when the next chunk's replace them: one chunk of logits alive, not two
                 continue
             logits.mul_(1.0 / (z * n))  # softmax / n: the mean's gradient ...
             logits[rows, yc] -= 1.0 / n  # ... minus the one-hot target
@@ -85,6 +86,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(p.t(), hc)  # accumulate inside the matmul: no extra pass over V × d
                 else:
                     grad_w += (p.t() @ hc).float()
+            del logits, p  # (as above: the next chunk's logits are allocated while these would still live)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return (total / n).float()
@@ -140,6 +142,7 @@ def linear_cross_entropy_sums(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
             logits, yc = (h[s:s + chunk].to(dtype) @ wc.t()).float(), y[s:s + chunk]
             sums[0] += F.cross_entropy(logits, yc, reduction="sum").double()
             sums[1] += (logits.argmax(-1) == yc).sum()
+            del logits  # before the next chunk's are made: one chunk alive at a time
     sums[2] = h.shape[0]
     return sums
 
