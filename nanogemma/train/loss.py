@@ -33,6 +33,7 @@ from ..model import Gemma
 
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # logits per chunk: ~16 MB on CPU (cache), 256 MB on GPU
 MIN_ROWS = 256  # see the chunk rule in fused_linear_cross_entropy (measured in docs/BENCHMARKS.md)
+GROUP_BYTES = 1 << 30  # lower-precision logits the fused loss may hold at once (see _group_rows)
 
 
 class TrainingGemma(Gemma):
@@ -58,33 +59,35 @@ class TrainingGemma(Gemma):
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, compute_dtype: torch.dtype, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, compute_dtype: torch.dtype, chunk: int, group: int) -> Tensor:
         n = h.shape[0]
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_w = None  # float32, from the first group's product on
         wc = w.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
-        for s in range(0, n, chunk):
-            hc, yc = h[s:s + chunk].to(compute_dtype), y[s:s + chunk]
-            logits = (hc @ wc.t()).float()
-            rows = torch.arange(len(yc), device=h.device)
-            target = logits[rows, yc]
-            top = logits.amax(dim=-1, keepdim=True)
-            logits.sub_(top).exp_()  # in place: the chunk's logits become exp(logit - max)
-            z = logits.sum(dim=-1, keepdim=True)
-            total += (z.log() + top).squeeze(1).sub(target).sum().double()
-            if grad_h is None and grad_w is None:
-                continue
-            logits.mul_(1.0 / (z * n))  # softmax / n: the mean's gradient ...
-            logits[rows, yc] -= 1.0 / n  # ... minus the one-hot target
-            p = logits.to(compute_dtype)
+        for g in range(0, n, group):
+            hg, yg = h[g:g + group].to(compute_dtype), y[g:g + group]
+            logits = hg @ wc.t()  # (rows, V) in the matmul dtype; overwritten below by the loss's gradient
+            for s in range(0, len(yg), chunk):
+                part, yc = logits[s:s + chunk], yg[s:s + chunk]
+                rows = torch.arange(len(yc), device=h.device)
+                logp = torch.log_softmax(part, dim=-1, dtype=torch.float32)  # one chunk in float32 at a time
+                target = logp[rows, yc]
+                total -= target.sum().double()
+                if grad_h is None and not ctx.needs_input_grad[1]:
+                    continue
+                # softmax / n (the mean's gradient) minus the one-hot target / n, written over the logits.
+                torch.mul(logp.exp_(), 1.0 / n, out=part)
+                part[rows, yc] = ((target.exp() - 1.0) / n).to(part.dtype)
             if grad_h is not None:
-                grad_h[s:s + chunk] = (p @ wc).to(h.dtype)
-            if grad_w is not None:
-                if p.dtype == grad_w.dtype:
-                    grad_w.addmm_(p.t(), hc)  # accumulate inside the matmul: no extra pass over V × d
+                grad_h[g:g + group] = (logits @ wc).to(h.dtype)
+            if ctx.needs_input_grad[1]:
+                if grad_w is None:
+                    grad_w = (logits.t() @ hg).float()
+                elif logits.dtype == grad_w.dtype:
+                    grad_w.addmm_(logits.t(), hg)  # accumulate inside the matmul: no extra pass over V × d
                 else:
-                    grad_w += (p.t() @ hc).float()
+                    grad_w += logits.t() @ hg  # a lower-precision product, added in float32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return (total / n).float()
@@ -94,7 +97,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * grad).to(ctx.w_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
@@ -108,38 +111,50 @@ def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     if not bool(keep.all()):  # ignored targets (-100): no logits at all for their rows
         h, y = h[keep], y[keep]
     dev = h.device.type
-    dtype, chunk = _head_plan(dev, w.shape[0])
+    dtype, group, chunk = _head_plan(dev, w.shape[0])
     with torch.autocast(dev, enabled=False):
-        return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
+        return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk, group)
 
 
-def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int]:
-    """(matmul dtype, rows per chunk) for applying the head in chunks. The dtype is autocast's when it is on.
-    Rows: a memory budget, but at least MIN_ROWS, the inner dimension of the head-gradient matmul. Each
-    chunk reads and rewrites the whole V × d gradient (671 MB for Gemma's head), so with few rows per
-    chunk that traffic, not the matmul, sets the pace; a 256-row chunk of Gemma's logits is 268 MB, still a
-    fraction of the 2.1 GB the plain path holds three times over for 2,048 tokens."""
+def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int, int]:
+    """(matmul dtype, group rows, chunk rows) for applying the head a group of rows at a time.
+
+    The dtype is autocast's when it is on. A *group* is the rows of one head matmul, whose logits are held
+    at once; its softmax runs a *chunk* of rows at a time in float32, chunks small enough to stay in cache
+    (CHUNK_ELEMENTS), as the softmax makes several passes over them.
+
+    Groups have at least MIN_ROWS rows, the inner dimension of the head-gradient matmul: each group reads
+    and rewrites the whole V × d gradient (671 MB for Gemma's head), so with few rows per group that
+    traffic, not the matmul, sets the pace. In float32 the gradient is accumulated inside the matmul
+    (`addmm_`); a bfloat16 product cannot be, and adding it costs another pass over the gradient, so in a
+    lower precision a group is as many rows as GROUP_BYTES of logits hold (2,048 rows of Gemma's
+    vocabulary in bfloat16: one pass for a 2,048-token batch). Either is a fraction of the plain path's
+    memory, which holds three float32 N × V tensors (2.1 GB each for 2,048 Gemma tokens)."""
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-    return dtype, max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // vocab)
+    chunk = max(1, CHUNK_ELEMENTS.get(dev, 1 << 24) // vocab)
+    rows = max(MIN_ROWS, chunk) if dtype == torch.float32 else GROUP_BYTES // (vocab * dtype.itemsize)
+    return dtype, max(chunk, rows // chunk * chunk), chunk
 
 
 @torch.no_grad()
 def linear_cross_entropy_sums(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
-    """[loss sum, correct argmax, counted targets] (float64) of the logits h @ wᵀ against y, a chunk of rows
+    """[loss sum, correct argmax, counted targets] (float64) of the logits h @ wᵀ against y, a group of rows
     at a time: what evaluation needs, without the N × V logits (for a validation batch of 2,048 Gemma
     tokens those are 2.1 GB, and cross_entropy's log-softmax would add another). Targets below 0 are
     skipped; the matmul runs in the autocast dtype, as in the fused loss."""
     keep = y >= 0
     h, y = h[keep], y[keep]
     dev = h.device.type
-    dtype, chunk = _head_plan(dev, w.shape[0])
+    dtype, group, chunk = _head_plan(dev, w.shape[0])
     sums = torch.zeros(3, dtype=torch.float64, device=h.device)
     wc = w.to(dtype)
     with torch.autocast(dev, enabled=False):
-        for s in range(0, h.shape[0], chunk):
-            logits, yc = (h[s:s + chunk].to(dtype) @ wc.t()).float(), y[s:s + chunk]
-            sums[0] += F.cross_entropy(logits, yc, reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == yc).sum()
+        for g in range(0, h.shape[0], group):
+            logits = h[g:g + group].to(dtype) @ wc.t()
+            for s in range(g, min(g + group, h.shape[0]), chunk):
+                part, yc = logits[s - g:s - g + chunk].float(), y[s:s + chunk]
+                sums[0] += F.cross_entropy(part, yc, reduction="sum").double()
+                sums[1] += (part.argmax(-1) == yc).sum()
     sums[2] = h.shape[0]
     return sums
 
