@@ -6,12 +6,14 @@ For 2,048 tokens of Gemma that is 2.1 GB in float32, and the usual `cross_entrop
 writes two more of that size (log-softmax, then its gradient). Those passes over memory, not the matmul,
 dominate a small model's step.
 
-`fused_linear_cross_entropy` never holds more than a chunk of rows of logits. For each chunk it computes
+`fused_linear_cross_entropy` never holds more than a group of rows of logits. For each group it computes
 the logits, the loss, and right away the gradient of the loss with respect to the logits — softmax minus
-the one-hot target, over N — and from it the gradients of the hidden states (p · W) and of the head
-(pᵀ · h). The chunk's logits are then dropped. Backward has nothing left to do but scale the two stored
-gradients by the incoming one. The arithmetic is the same three matmuls as the plain path; what goes
-away is the memory: one chunk instead of three N × V tensors, and one exponential per logit.
+the one-hot target, over N, written over the logits a cache-sized chunk of rows at a time — and from it
+the gradients of the hidden states (p · W) and of the head (pᵀ · h). The group's logits are then dropped.
+Backward has nothing left to do but scale the two stored gradients by the incoming one. The arithmetic is
+the same three matmuls as the plain path; what goes away is the memory: one group instead of three
+N × V tensors (a group is 256 rows in float32, 2,048 in bfloat16: `_head_plan` says why), and one
+exponential per logit.
 
 To get the hidden states, `TrainingGemma` (a `Gemma` whose `logits()` can stop after the final norm,
 switched by `features_only`) is what training builds. Its parameters and checkpoints are exactly Gemma's.
@@ -120,8 +122,8 @@ def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int, int]:
     """(matmul dtype, group rows, chunk rows) for applying the head a group of rows at a time.
 
     The dtype is autocast's when it is on. A *group* is the rows of one head matmul, whose logits are held
-    at once; its softmax runs a *chunk* of rows at a time in float32, chunks small enough to stay in cache
-    (CHUNK_ELEMENTS), as the softmax makes several passes over them.
+    at once; in a lower precision its softmax runs a *chunk* of rows at a time in float32, chunks small
+    enough to stay in cache (CHUNK_ELEMENTS), as the softmax makes several passes over them.
 
     Groups have at least MIN_ROWS rows, the inner dimension of the head-gradient matmul: each group reads
     and rewrites the whole V × d gradient (671 MB for Gemma's head), so with few rows per group that
@@ -132,8 +134,10 @@ def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int, int]:
     memory, which holds three float32 N × V tensors (2.1 GB each for 2,048 Gemma tokens)."""
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
     chunk = max(1, CHUNK_ELEMENTS.get(dev, 1 << 24) // vocab)
-    rows = max(MIN_ROWS, chunk) if dtype == torch.float32 else GROUP_BYTES // (vocab * dtype.itemsize)
-    return dtype, max(chunk, rows // chunk * chunk), chunk
+    if dtype == torch.float32:  # the group's logits are float32 already: one chunk per group
+        group = max(MIN_ROWS, chunk)
+        return dtype, group, group
+    return dtype, max(chunk, GROUP_BYTES // (vocab * dtype.itemsize) // chunk * chunk), chunk
 
 
 @torch.no_grad()
