@@ -89,15 +89,28 @@ class Layout:
         return out
 
 
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, heads, T, D), each key/value head once per query head of its group.
+
+    Whole-sequence attention is trained, and the CPU flash kernel's backward with `enable_gqa` is many times
+    slower than with one key/value head per query head (docs/BENCHMARKS.md, training attention). With one
+    key/value head (multi-query, the 270M model) this is a stride-0 view, no copy; otherwise K and V are
+    copied, which is small next to the scores."""
+    B, Hkv, T, D = x.shape
+    return x[:, :, None].expand(B, Hkv, heads // Hkv, T, D).reshape(B, heads, T, D)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale: float,
            window: int | None) -> Tensor:
     """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
     gqa = k.shape[1] != q.shape[1]
     if not isinstance(mask, Layout):  # an explicit mask (a cache's): the kernel takes it as it is
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     if window is None and mask.doc_start is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     outs = [F.scaled_dot_product_attention(q[:, :, b.start:b.end], k[:, :, b.lo:b.end], v[:, :, b.lo:b.end],
-                                           attn_mask=b.mask, scale=scale, enable_gqa=gqa)
+                                           attn_mask=b.mask, scale=scale)
             for b in mask.query_blocks(window, q.device)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -64,6 +64,48 @@ def test_fused_cross_entropy_under_bfloat16_autocast():
     assert h.grad.dtype == w.grad.dtype == torch.float32
 
 
+def test_fused_cross_entropy_bfloat16_groups_within_rounding_of_float64(monkeypatch):
+    """Under bfloat16 autocast the head runs in groups of rows (several here, one chunk-sized softmax at a time,
+    a partial group last); loss and gradients stay within the error bfloat16 rounding explains, against a
+    float64 reference on the same bfloat16-rounded inputs (what autocast feeds the matmuls).
+
+    The bound, from first-order error analysis with u = 2⁻⁸ (bfloat16's unit roundoff) and L = max |logit|:
+    the logits are rounded (each off by ≤ u·|logit|), which moves a row's loss by at most u times a
+    p-weighted sum of |logits|, and its softmax-minus-target q by ≤ 2uL + u in total (the last u: q itself
+    is rounded); the gradient matmuls add a rounding of their output, u times the sum of the magnitudes of
+    its terms. Twice that covers the second order."""
+    monkeypatch.setitem(loss_mod.CHUNK_ELEMENTS, "cpu", 7 * 300)  # softmax in chunks of 7 rows
+    monkeypatch.setattr(loss_mod, "MIN_ROWS", 1)
+    monkeypatch.setattr(loss_mod, "GROUP_BYTES", 21 * 300 * 2)  # groups of 21 rows: 21, 21, 8
+    assert loss_mod._head_plan("cpu", 300)[1:] == (7, 7)
+    g = torch.Generator().manual_seed(4)
+    n, upstream = 50, 3.0
+    h = torch.randn(n, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g).mul(0.5).requires_grad_()
+    y = torch.randint(0, 300, (n,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss_mod._head_plan("cpu", 300)[1:] == (21, 7)
+        fused = fused_linear_cross_entropy(h, w, y)
+    fh, fw = torch.autograd.grad(fused * upstream, (h, w))
+    h64, w64 = h.detach().bfloat16().double(), w.detach().bfloat16().double()
+    logits = h64 @ w64.t()
+    q = (logits.softmax(-1) - F.one_hot(y, 300).double()) * (upstream / n)
+    ref_loss, ref_h, ref_w = F.cross_entropy(logits, y).item(), q @ w64, q.t() @ h64
+    u, big, p = 2.0**-8, logits.abs().max().item(), logits.softmax(-1)
+    # A row's loss, lse - logit[target], moves by ≤ u·(Σ p·|logit| + |logit[target]|) when each logit is rounded.
+    rows = torch.arange(n)
+    loss_bound = u * ((p * logits.abs()).sum(-1) + logits[rows, y].abs()).mean().item()
+    assert abs(fused.item() - ref_loss) <= 2 * loss_bound
+    # |error of q| per element: its softmax part moves by ≤ p·2uL, and q is rounded (≤ u|q|, u at the target).
+    dq = ((2 * u * big + u) * p + u * F.one_hot(y, 300).double()) * (upstream / n)
+    bound_h = dq @ w64.abs() + u * (q.abs() @ w64.abs())
+    bound_w = dq.t() @ h64.abs() + u * (q.abs().t() @ h64.abs())
+    assert ((fh.double() - ref_h).abs() <= 2 * bound_h).all()
+    assert ((fw.double() - ref_w).abs() <= 2 * bound_w).all()
+    # Not vacuous: the bounds are a small fraction of the gradients' scale.
+    assert (2 * bound_h).max() < 0.2 * ref_h.abs().max() and (2 * bound_w).max() < 0.2 * ref_w.abs().max()
+
+
 def test_training_gemma_features_give_the_models_logits():
     cfg = model_config(TrainConfig(model="tiny"), 320)
     model = TrainingGemma(cfg).init_weights(seed=0)

@@ -6,12 +6,14 @@ For 2,048 tokens of Gemma that is 2.1 GB in float32, and the usual `cross_entrop
 writes two more of that size (log-softmax, then its gradient). Those passes over memory, not the matmul,
 dominate a small model's step.
 
-`fused_linear_cross_entropy` never holds more than a chunk of rows of logits. For each chunk it computes
+`fused_linear_cross_entropy` never holds more than a group of rows of logits. For each group it computes
 the logits, the loss, and right away the gradient of the loss with respect to the logits — softmax minus
-the one-hot target, over N — and from it the gradients of the hidden states (p · W) and of the head
-(pᵀ · h). The chunk's logits are then dropped. Backward has nothing left to do but scale the two stored
-gradients by the incoming one. The arithmetic is the same three matmuls as the plain path; what goes
-away is the memory: one chunk instead of three N × V tensors, and one exponential per logit.
+the one-hot target, over N, written over the logits a cache-sized chunk of rows at a time — and from it
+the gradients of the hidden states (p · W) and of the head (pᵀ · h). The group's logits are then dropped.
+Backward has nothing left to do but scale the two stored gradients by the incoming one. The arithmetic is
+the same three matmuls as the plain path; what goes away is the memory: one group instead of three
+N × V tensors (a group is 256 rows in float32, 2,048 in bfloat16: `_head_plan` says why), and one
+exponential per logit.
 
 To get the hidden states, `TrainingGemma` (a `Gemma` whose `logits()` can stop after the final norm,
 switched by `features_only`) is what training builds. Its parameters and checkpoints are exactly Gemma's.
@@ -33,6 +35,7 @@ from ..model import Gemma
 
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # logits per chunk: ~16 MB on CPU (cache), 256 MB on GPU
 MIN_ROWS = 256  # see the chunk rule in fused_linear_cross_entropy (measured in docs/BENCHMARKS.md)
+GROUP_BYTES = 1 << 30  # lower-precision logits the fused loss may hold at once (see _group_rows)
 
 
 class TrainingGemma(Gemma):
@@ -58,35 +61,42 @@ class TrainingGemma(Gemma):
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, compute_dtype: torch.dtype, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, compute_dtype: torch.dtype, chunk: int, group: int) -> Tensor:
         n = h.shape[0]
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_w = None  # float32, from the first group's product on
         wc = w.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
-        for s in range(0, n, chunk):
-            hc, yc = h[s:s + chunk].to(compute_dtype), y[s:s + chunk]
-            logits = (hc @ wc.t()).float()
-            rows = torch.arange(len(yc), device=h.device)
-            target = logits[rows, yc]
-            top = logits.amax(dim=-1, keepdim=True)
-            logits.sub_(top).exp_()  # in place: the chunk's logits become exp(logit - max)
-            z = logits.sum(dim=-1, keepdim=True)
-            total += (z.log() + top).squeeze(1).sub(target).sum().double()
-            if grad_h is None and grad_w is None:
-                del logits  # now, not when the next chunk's replace them: one chunk of logits alive, not two
-                continue
-            logits.mul_(1.0 / (z * n))  # softmax / n: the mean's gradient ...
-            logits[rows, yc] -= 1.0 / n  # ... minus the one-hot target
-            p = logits.to(compute_dtype)
+        for g in range(0, n, group):
+            hg, yg = h[g:g + group].to(compute_dtype), y[g:g + group]
+            logits = hg @ wc.t()  # (rows, V) in the matmul dtype; overwritten below by the loss's gradient
+            for s in range(0, len(yg), chunk):
+                part, yc = logits[s:s + chunk], yg[s:s + chunk]
+                rows = torch.arange(len(yc), device=h.device)
+                # In float32 the chunk itself (`float()` of a float32 tensor is the tensor), worked on in
+                # place: no second copy of the logits. In a lower precision, a float32 copy of one chunk.
+                x = part.float()
+                target = x[rows, yc]
+                top = x.amax(dim=-1, keepdim=True)
+                x.sub_(top).exp_()  # the chunk's logits become exp(logit - max)
+                z = x.sum(dim=-1, keepdim=True)
+                total += (z.log() + top).squeeze(1).sub(target).sum().double()
+                if grad_h is None and not ctx.needs_input_grad[1]:
+                    continue
+                x.mul_(1.0 / (z * n))  # softmax / n: the mean's gradient ...
+                x[rows, yc] -= 1.0 / n  # ... minus the one-hot target, over the logits
+                if x is not part:
+                    part.copy_(x)
             if grad_h is not None:
-                grad_h[s:s + chunk] = (p @ wc).to(h.dtype)
-            if grad_w is not None:
-                if p.dtype == grad_w.dtype:
-                    grad_w.addmm_(p.t(), hc)  # accumulate inside the matmul: no extra pass over V × d
+                grad_h[g:g + group] = (logits @ wc).to(h.dtype)
+            if ctx.needs_input_grad[1]:
+                if grad_w is None:
+                    grad_w = (logits.t() @ hg).float()
+                elif logits.dtype == grad_w.dtype:
+                    grad_w.addmm_(logits.t(), hg)  # accumulate inside the matmul: no extra pass over V × d
                 else:
-                    grad_w += (p.t() @ hc).float()
-            del logits, p  # (as above: the next chunk's logits are allocated while these would still live)
+                    grad_w += logits.t() @ hg  # a lower-precision product, added in float32
+            del logits  # now, not when the next group's replace them: one group of logits alive, not two
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return (total / n).float()
@@ -96,7 +106,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * grad).to(ctx.w_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
@@ -110,39 +120,53 @@ def fused_linear_cross_entropy(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     if not bool(keep.all()):  # ignored targets (-100): no logits at all for their rows
         h, y = h[keep], y[keep]
     dev = h.device.type
-    dtype, chunk = _head_plan(dev, w.shape[0])
+    dtype, group, chunk = _head_plan(dev, w.shape[0])
     with torch.autocast(dev, enabled=False):
-        return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk)
+        return _FusedLinearCrossEntropy.apply(h, w, y, dtype, chunk, group)
 
 
-def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int]:
-    """(matmul dtype, rows per chunk) for applying the head in chunks. The dtype is autocast's when it is on.
-    Rows: a memory budget, but at least MIN_ROWS, the inner dimension of the head-gradient matmul. Each
-    chunk reads and rewrites the whole V × d gradient (671 MB for Gemma's head), so with few rows per
-    chunk that traffic, not the matmul, sets the pace; a 256-row chunk of Gemma's logits is 268 MB, still a
-    fraction of the 2.1 GB the plain path holds three times over for 2,048 tokens."""
+def _head_plan(dev: str, vocab: int) -> tuple[torch.dtype, int, int]:
+    """(matmul dtype, group rows, chunk rows) for applying the head a group of rows at a time.
+
+    The dtype is autocast's when it is on. A *group* is the rows of one head matmul, whose logits are held
+    at once; in a lower precision its softmax runs a *chunk* of rows at a time in float32, chunks small
+    enough to stay in cache (CHUNK_ELEMENTS), as the softmax makes several passes over them.
+
+    Groups have at least MIN_ROWS rows, the inner dimension of the head-gradient matmul: each group reads
+    and rewrites the whole V × d gradient (671 MB for Gemma's head), so with few rows per group that
+    traffic, not the matmul, sets the pace. In float32 the gradient is accumulated inside the matmul
+    (`addmm_`); a bfloat16 product cannot be, and adding it costs another pass over the gradient, so in a
+    lower precision a group is as many rows as GROUP_BYTES of logits hold (2,048 rows of Gemma's
+    vocabulary in bfloat16: one pass for a 2,048-token batch). Either is a fraction of the plain path's
+    memory, which holds three float32 N × V tensors (2.1 GB each for 2,048 Gemma tokens)."""
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-    return dtype, max(MIN_ROWS, CHUNK_ELEMENTS.get(dev, 1 << 24) // vocab)
+    chunk = max(1, CHUNK_ELEMENTS.get(dev, 1 << 24) // vocab)
+    if dtype == torch.float32:  # the group's logits are float32 already: one chunk per group
+        group = max(MIN_ROWS, chunk)
+        return dtype, group, group
+    return dtype, max(chunk, GROUP_BYTES // (vocab * dtype.itemsize) // chunk * chunk), chunk
 
 
 @torch.no_grad()
 def linear_cross_entropy_sums(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
-    """[loss sum, correct argmax, counted targets] (float64) of the logits h @ wᵀ against y, a chunk of rows
+    """[loss sum, correct argmax, counted targets] (float64) of the logits h @ wᵀ against y, a group of rows
     at a time: what evaluation needs, without the N × V logits (for a validation batch of 2,048 Gemma
     tokens those are 2.1 GB, and cross_entropy's log-softmax would add another). Targets below 0 are
     skipped; the matmul runs in the autocast dtype, as in the fused loss."""
     keep = y >= 0
     h, y = h[keep], y[keep]
     dev = h.device.type
-    dtype, chunk = _head_plan(dev, w.shape[0])
+    dtype, group, chunk = _head_plan(dev, w.shape[0])
     sums = torch.zeros(3, dtype=torch.float64, device=h.device)
     wc = w.to(dtype)
     with torch.autocast(dev, enabled=False):
-        for s in range(0, h.shape[0], chunk):
-            logits, yc = (h[s:s + chunk].to(dtype) @ wc.t()).float(), y[s:s + chunk]
-            sums[0] += F.cross_entropy(logits, yc, reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == yc).sum()
-            del logits  # before the next chunk's are made: one chunk alive at a time
+        for g in range(0, h.shape[0], group):
+            logits = h[g:g + group].to(dtype) @ wc.t()
+            for s in range(g, min(g + group, h.shape[0]), chunk):
+                part, yc = logits[s - g:s - g + chunk].float(), y[s:s + chunk]
+                sums[0] += F.cross_entropy(part, yc, reduction="sum").double()
+                sums[1] += (part.argmax(-1) == yc).sum()
+            del logits, part  # before the next group's are made: one group alive at a time
     sums[2] = h.shape[0]
     return sums
 
