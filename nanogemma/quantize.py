@@ -432,20 +432,18 @@ def quantize_model(model: Gemma, mode: str = "int8", calibration: Tensor | None 
     it each row of x is rounded as it comes."""
     if mode not in MODES:
         raise NanogemmaError(f"unknown quantization '{mode}'; choose from: {', '.join(MODES)}")
-    scales: dict[nn.Module, Tensor] = {}
+    sizes: dict[nn.Module, Tensor] = {}
     if mode == "int8" and calibration is not None and model.device.type == "cpu":  # elsewhere: int8-wo
-        ids = calibration.reshape(1, -1)[:, :model.config.max_seq_len]
-        with torch.no_grad():
-            sizes = input_magnitudes(model, ids)
-            parts = {model.lm_head: [model.lm_head.weight]}
-            for b in model.layers:  # a fused product's columns belong to all its parts
-                parts.update({b.attn.wq: [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight],
-                              b.attn.wo: [b.attn.wo.weight], b.mlp.gate: [b.mlp.gate.weight, b.mlp.up.weight],
-                              b.mlp.down: [b.mlp.down.weight]})
-            scales = {m: smoothing_scale(r, parts[m]) for m, r in sizes.items()}
+        sizes = input_magnitudes(model, calibration.reshape(1, -1)[:, :model.config.max_seq_len])
+
+    def make(w: Tensor, source: nn.Module) -> Int8Linear:
+        # A fused weight holds all the parts that share its input columns, so its own column range is theirs.
+        c = smoothing_scale(sizes[source], w) if source in sizes else None
+        return Int8Linear(w, mode, workers if source is model.lm_head else 1, input_scale=c)
+
     workers = torch.get_num_threads()  # fbgemm packs on one core: spread the matrices over all of them
     with torch.no_grad():
-        head = Int8Linear(model.lm_head.weight, mode, workers, input_scale=scales.get(model.lm_head))
-    _convert(model, lambda w, source: Int8Linear(w, mode, input_scale=scales.get(source)), workers)
+        head = make(model.lm_head.weight, model.lm_head)
+    _convert(model, make, workers)
     model.lm_head = head
     return model

@@ -218,10 +218,11 @@ def load_for_inference(name_or_path: str | None, dtype: str = "float32", device:
             from .lora import add_adapter
 
             add_adapter(model, adapter)
-        if quantize and quantize != "int8":
+        if not quantize:
+            if pack:
+                pack_model(model, go)
+        elif quantize != "int8":  # dynamic int8 is converted after loading: its calibration needs the tokenizer
             quantize_model(model, quantize)  # the tokenizer waits for it: letting it start earlier measured no gain
-        elif pack and not quantize:
-            pack_model(model, go)
 
     model, tok = load(name_or_path, dtype=getattr(torch, dtype), device=device, prepare=prepare)
     if quantize == "int8":  # dynamic int8 calibrates its input scales on a short text: it needs the tokenizer
