@@ -83,8 +83,21 @@ class Running:
 _LOADED: dict[Path, tuple] = {}
 
 
+class PacedEngine(Engine):
+    """An engine that takes at least `pace` seconds a step: the tiny model writes 400 tokens in well under a
+    second, faster than a browser can click "stop", so a test of stopping midway needs a reply that lasts."""
+
+    pace = 0.02
+
+    def step(self) -> bool:
+        worked = super().step()
+        if worked:
+            time.sleep(self.pace)
+        return worked
+
+
 def start(folder: Path, slots: int = 4, max_queue: int = 64, api_key: str | None = None, context: int = 512,
-          step_tokens: int = 64, timeout: float = 60.0) -> Running:
+          step_tokens: int = 64, timeout: float = 60.0, engine_type: type[Engine] = Engine) -> Running:
     """A server on the tiny model; the model is loaded once (`load_engine`), each server has its own engine."""
     state = ServerState("serve-tiny-hf", api_key=api_key, max_body=64 * 1024, timeout=timeout)
     if folder not in _LOADED:
@@ -92,7 +105,7 @@ def start(folder: Path, slots: int = 4, max_queue: int = 64, api_key: str | None
                                   step_tokens=step_tokens)
         _LOADED[folder] = (engine.model, tok)
     model, tok = _LOADED[folder]
-    state.start(Engine(model, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue), tok)
+    state.start(engine_type(model, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue), tok)
     return Running(state)
 
 
@@ -576,7 +589,7 @@ def test_chat_page_in_a_headless_browser(tiny_hf_folder, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (make test does)")
-    running = start(tiny_hf_folder, slots=2)
+    running = start(tiny_hf_folder, slots=2, engine_type=PacedEngine)  # 400 tokens take 8 s: stop comes first
     try:
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
