@@ -100,9 +100,9 @@ def hub_layout(root):
     return root
 
 
-def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None):
+def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None, fields=None):
     """A GGUF the way llama.cpp's converter lays it out: reversed shapes, norms stored as 1 + w (F32 unless
-    `qtype` says otherwise)."""
+    `qtype` says otherwise); `extra` adds tensors, `fields` metadata (name -> value)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
@@ -122,6 +122,8 @@ def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_global_base)
     w.add_sliding_window(cfg.sliding_window)
+    for name, value in (fields or {}).items():
+        w.add_key_value(name, value, _gguf_type(value))
     ours_to_gguf = {v: k for k, v in gguf_name_map(cfg.num_layers).items()}
     for ours, t in state.items():
         name = ours_to_gguf[ours]
@@ -141,6 +143,14 @@ def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None)
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gguf_type(value):
+    from gguf import GGUFValueType as V
+
+    if isinstance(value, list):
+        return V.ARRAY
+    return {str: V.STRING, float: V.FLOAT32, int: V.INT32, bool: V.BOOL}[type(value)]
 
 
 def load_bench(name: str):

@@ -30,7 +30,7 @@ from nanogemma.errors import NanogemmaError
 from nanogemma.generation import generate_ids
 from nanogemma.tools.export_gguf import GEMMA_CHAT_TEMPLATE, export_gguf
 from nanogemma.train import resolve, train
-from nanogemma.weight_files import read_gguf_arrays, release_gguf
+from nanogemma.weight_files import gguf_reader, read_gguf_arrays, release_gguf
 from nanogemma.weights import build_model, load_state
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make test` (make llama-cpp)")
@@ -202,7 +202,7 @@ def assert_dequantised_like_ggml(path) -> None:
 
     lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
     to_float_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     checked = 0
     for t in reader.tensors:
         if t.tensor_type == gguf.GGMLQuantizationType.F32:

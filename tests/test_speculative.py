@@ -13,7 +13,7 @@ from reference import assert_same_greedy
 
 from nanogemma.decoding import SamplingParams, stop_ids_for
 from nanogemma.errors import NanogemmaError
-from nanogemma.generation import Decoder, generate
+from nanogemma.generation import Decoder
 from nanogemma.model import Gemma
 from nanogemma.speculative import Speculation, accept_or_resample, common_token_ids
 
@@ -160,7 +160,6 @@ def test_real_model_greedy_equals_plain(model_and_tok, mode):
     spec = Speculation.for_tokenizer(tok)
     d = Decoder(model, [ids], 120, speculation=spec, stop_ids=stop_ids_for(tok))
     fast = [row[0] for row in d]
-    assert tok.decode(plain) == generate(model, tok, text, max_new_tokens=120, fast=False)
     reference = None
     if mode != "float32":  # the quantized model's error is measured against float32 (float64 would not add)
         float_model = model_and_tok[0]

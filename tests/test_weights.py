@@ -26,6 +26,34 @@ TOL = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 8e-2}
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
+def test_plain_gguf_reader_parses_as_the_packages_reader(tmp_path, tiny):
+    """`gguf_reader` (the package's parse over a plain view of the memory map) gives every field and tensor
+    the package's own `GGUFReader` gives: a vocabulary of strings, scores and types, quantised tensors."""
+    import gguf
+
+    from nanogemma.weight_files import gguf_reader
+
+    cfg, state = tiny
+    tokens = [f"tok{i}" for i in range(cfg.vocab_size)]
+    extra = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": [float(-i) for i in range(len(tokens))],
+             "tokenizer.ggml.token_type": [1 + i % 3 for i in range(len(tokens))]}
+    path = write_gguf(tmp_path / "m.gguf", cfg, state, Q.Q8_0, fields=extra)
+    ours, theirs = gguf_reader(path), gguf.GGUFReader(path)
+    assert type(ours.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert list(ours.fields) == list(theirs.fields) and "tokenizer.ggml.tokens" in ours.fields
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.types, mine.data, mine.contents()) == (field.offset, field.types, field.data,
+                                                                         field.contents()), name
+        assert all(np.array_equal(a, b) for a, b in zip(mine.parts, field.parts, strict=True)), name
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == tokens
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, t in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.tensor_type, mine.shape.tolist(), mine.data_offset) == (t.tensor_type, t.shape.tolist(),
+                                                                             t.data_offset)
+        assert np.array_equal(mine.data, t.data), t.name
+
+
 @pytest.mark.parametrize("qtype", list(TOL))
 def test_gguf_tensor_types_round_trip(tmp_path, tiny, qtype):
     cfg, state = tiny
