@@ -27,7 +27,8 @@ prefilled (from its sending to its first token), and its own TTFT: whether a lon
 
 Peers: `llama-cpp-python`'s OpenAI server (`python -m llama_cpp.server`; needs llama-cpp-python with its
 server extras in the interpreter given by --llama-python), and `transformers serve` (the `transformers` CLI
-next to the interpreter; GGUF weights named `<folder>:<file>`). A peer that fails to start is reported as
+next to the interpreter; GGUF weights named `<folder>:<file>`; with its continuous batching unless
+`--transformers-batching none`). A peer that fails to start is reported as
 such, not left out silently.
 """
 
@@ -97,8 +98,9 @@ def server_command(name: str, gguf: Path, port: int, args, prefix_cache: int | N
     if name == "transformers":
         cli = str(Path(py).with_name("transformers"))
         folder = hf_copy(gguf)
+        batching = ["--continuous-batching"] if args.transformers_batching == "continuous" else []
         return [cli, "serve", str(folder), "--port", str(port), "--device", "cpu", "--host", "127.0.0.1",
-                "--dtype", "float32"], str(folder)
+                "--dtype", "float32", *batching], str(folder)
     raise SystemExit(f"unknown server {name}")
 
 
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-max-tokens", type=int, default=8, help="max_tokens of the long prompt")
     ap.add_argument("--context", type=int, default=1024, help="context per request (raised to fit --long-prompt)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--transformers-batching", default="continuous", choices=["continuous", "none"],
+                    help="transformers serve with its continuous batching (paged attention) or one request at a time")
     ap.add_argument("--llama-python", default=None, help="an interpreter with llama_cpp.server (default: this one)")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--request-timeout", type=float, default=600, help="seconds a client waits for a reply")

@@ -102,3 +102,13 @@ def test_nanogemma_command_passes_the_mode_and_engine_settings(bench, tmp_path):
         assert needle in flags
     assert "--quantize" not in flags and model == "m"
     assert bench.nanogemma_label(ns, 0) == "nanogemma bfloat16 slots 64 step 512 prefix-cache 0"
+
+
+@pytest.mark.parametrize("batching", ["continuous", "none"])
+def test_transformers_command_asks_for_its_continuous_batching(bench, tmp_path, monkeypatch, batching):
+    monkeypatch.setattr(bench, "hf_copy", lambda gguf: tmp_path / "hf")
+    ns = bench.argparse.Namespace(transformers_batching=batching)
+    cmd, model = bench.server_command("transformers", tmp_path / "m.gguf", 1234, ns)
+    assert cmd[1:3] == ["serve", str(tmp_path / "hf")] and model == str(tmp_path / "hf")
+    assert ("--continuous-batching" in cmd) == (batching == "continuous")
+    assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--port") + 1] == "1234"

@@ -146,7 +146,7 @@ def test_common_token_ids(model_and_tok):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["float32", "int8-wo"])
 def test_real_model_greedy_equals_plain(model_and_tok, mode):
-    """The 270M model: 120 greedy tokens with speculation equal plain greedy decoding, and most drafts land."""
+    """The 270M model: 64 greedy tokens with speculation equal plain greedy decoding, and most drafts land."""
     from nanogemma.quantize import quantize_model
 
     model, tok = model_and_tok
@@ -156,9 +156,9 @@ def test_real_model_greedy_equals_plain(model_and_tok, mode):
         model = quantize_model(copy.deepcopy(model), mode)
     text = "Once upon a time, in a small village by the sea, there lived"
     ids = tok.encode(text)
-    plain = [row[0] for row in Decoder(model, [ids], 120, stop_ids=stop_ids_for(tok))]
+    plain = [row[0] for row in Decoder(model, [ids], 64, stop_ids=stop_ids_for(tok))]
     spec = Speculation.for_tokenizer(tok)
-    d = Decoder(model, [ids], 120, speculation=spec, stop_ids=stop_ids_for(tok))
+    d = Decoder(model, [ids], 64, speculation=spec, stop_ids=stop_ids_for(tok))
     fast = [row[0] for row in d]
     reference = None
     if mode != "float32":  # the quantized model's error is measured against float32 (float64 would not add)
