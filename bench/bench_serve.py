@@ -100,7 +100,7 @@ def server_command(name: str, gguf: Path, port: int, args, prefix_cache: int | N
         folder = hf_copy(gguf)
         batching = ["--continuous-batching"] if args.transformers_batching == "continuous" else []
         return [cli, "serve", str(folder), "--port", str(port), "--device", "cpu", "--host", "127.0.0.1",
-                "--dtype", "float32", *batching], str(folder)
+                "--dtype", args.transformers_dtype, *batching], str(folder)
     raise SystemExit(f"unknown server {name}")
 
 
@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--transformers-batching", default="continuous", choices=["continuous", "none"],
                     help="transformers serve with its continuous batching (paged attention) or one request at a time")
+    ap.add_argument("--transformers-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="transformers serve's --dtype")
     ap.add_argument("--llama-python", default=None, help="an interpreter with llama_cpp.server (default: this one)")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--request-timeout", type=float, default=600, help="seconds a client waits for a reply")

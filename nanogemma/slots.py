@@ -47,6 +47,31 @@ class _Plan:
         self.write = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next position
         self.row_ids = torch.arange(slots, device=device)  # the decode step's rows: slots 0..rows-1
         self.masks: dict[int | None, Tensor] = {}  # one mask per layer type per eager call
+        self.stores: dict[int | None, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # see `to_store`
+
+    def to_store(self, ring: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(row, token, slot, entry): where each chunk token a layer keeps comes from and goes, as index
+        tensors made once per call for each kind of layer, so a layer stores a whole batch in one indexed
+        write per buffer (a write per row cost a few Python-side operations per row, in every layer).
+
+        A global layer (`ring=None`) keeps every real token at entry = its position; a ring of `ring`
+        entries keeps each chunk's last `ring` tokens at entry = position % ring (no two of them collide)."""
+        hit = self.stores.get(ring)
+        if hit is None:
+            rows: list[int] = []
+            tokens: list[int] = []
+            slots: list[int] = []
+            entries: list[int] = []
+            for i, (slot, start, n) in enumerate(self.chunks):
+                first = 0 if ring is None else max(0, n - ring)
+                rows += [i] * (n - first)
+                tokens += range(first, n)
+                slots += [slot] * (n - first)
+                entries += (range(start + first, start + n) if ring is None else
+                            [(start + j) % ring for j in range(first, n)])
+            hit = self.stores[ring] = tuple(torch.tensor(x, dtype=torch.long, device=self.write.device)
+                                            for x in (rows, tokens, slots, entries))
+        return hit
 
 
 class SlotLayerCache(nn.Module):
@@ -89,10 +114,7 @@ class SlotLayerCache(nn.Module):
         its own chunk; only a chunk's real tokens are stored (its pads, at position -1, never are)."""
         plan, sel = self.plan, self.plan.sel
         if self.window is None:
-            for i, (slot, start, n) in enumerate(plan.chunks):
-                self.k[slot, :, start:start + n] = k[i, :, :n]
-                self.v[slot, :, start:start + n] = v[i, :, :n]
-                self.pos[slot, start:start + n] = pos[i, :n]
+            self._store(pos, k, v, None)
             # Every row sees the first `end` entries of its slot, as many as the longest history needs: a
             # shorter history's extra entries are empty (position -1), so the mask hides them.
             end = max(start + n for _, start, n in plan.chunks)
@@ -112,13 +134,15 @@ class SlotLayerCache(nn.Module):
             ring_pos = self.pos[sel, :held]
             ring_pos = torch.where(ring_pos < pos[:, :1], ring_pos, -1)  # entries at or past the chunk are stale
             mask = plan.masks[self.window] = attention_mask(pos, torch.cat((ring_pos, pos), dim=1), self.window)
-        for i, (slot, start, n) in enumerate(plan.chunks):
-            keep = min(n, self.entries)
-            entries = torch.arange(start + n - keep, start + n, device=k.device) % self.entries
-            self.k[slot].index_copy_(1, entries, k[i, :, n - keep:n])
-            self.v[slot].index_copy_(1, entries, v[i, :, n - keep:n])
-            self.pos[slot].index_copy_(0, entries, pos[i, n - keep:n])
+        self._store(pos, k, v, self.entries)
         return keys, values, mask
+
+    def _store(self, pos: Tensor, k: Tensor, v: Tensor, ring: int | None) -> None:
+        """Keep the batch's chunk tokens in their slots' entries (`_Plan.to_store` says which go where)."""
+        row, token, slot, entry = self.plan.to_store(ring)
+        self.k[slot, :, entry] = k[row, :, token]
+        self.v[slot, :, entry] = v[row, :, token]
+        self.pos[slot, entry] = pos[row, token]
 
 
 class SlotCache(nn.Module):
@@ -167,7 +191,7 @@ class SlotCache(nn.Module):
         plan = self.plan
         plan.chunks = [(s, self.lengths[s], n) for s, n in zip(slots, lengths, strict=True)]
         plan.sel = torch.tensor(list(slots), dtype=torch.long, device=plan.write.device)
-        plan.masks = {}
+        plan.masks, plan.stores = {}, {}
 
     def plan_decode(self, rows: int) -> None:
         plan = self.plan

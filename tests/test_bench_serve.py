@@ -107,8 +107,9 @@ def test_nanogemma_command_passes_the_mode_and_engine_settings(bench, tmp_path):
 @pytest.mark.parametrize("batching", ["continuous", "none"])
 def test_transformers_command_asks_for_its_continuous_batching(bench, tmp_path, monkeypatch, batching):
     monkeypatch.setattr(bench, "hf_copy", lambda gguf: tmp_path / "hf")
-    ns = bench.argparse.Namespace(transformers_batching=batching)
+    ns = bench.argparse.Namespace(transformers_batching=batching, transformers_dtype="bfloat16")
     cmd, model = bench.server_command("transformers", tmp_path / "m.gguf", 1234, ns)
     assert cmd[1:3] == ["serve", str(tmp_path / "hf")] and model == str(tmp_path / "hf")
     assert ("--continuous-batching" in cmd) == (batching == "continuous")
     assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--port") + 1] == "1234"
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
