@@ -315,13 +315,16 @@ class Engine:
         done = [i for i, (r, c) in enumerate(zip(reqs, chunks, strict=True)) if r.fed + len(c) == len(r.prompt)]
         done += range(len(reqs), rows)
         logits: dict[int, Tensor] = {}
+        greedy: dict[int, int | None] = {}
         if done:
             last = torch.tensor([len(fed[i]) - 1 for i in done], device=device)
-            logits = dict(zip(done, self.model.logits(hidden[torch.tensor(done, device=device), last]).float(),
-                              strict=True))
+            out = self.model.logits(hidden[torch.tensor(done, device=device), last]).float()
+            logits = dict(zip(done, out, strict=True))
+            every = [*reqs, *riders]
+            greedy = dict(zip(done, _greedy_tokens([every[i] for i in done], out), strict=True))
         for i, r in enumerate(riders, start=len(reqs)):
             self.cache.lengths[r.slot] += 1
-            self._emit(r, logits[i][None])
+            self._emit(r, logits[i][None], greedy[i])
         for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
             self.cache.lengths[req.slot] += len(chunk)
             req.fed += len(chunk)
@@ -330,7 +333,7 @@ class Engine:
                     and req.prompt[:req.fed] not in self.prefixes):
                 self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(req.slot))
             if i in logits:
-                self._emit(req, logits[i][None])
+                self._emit(req, logits[i][None], greedy[i])
         self.token_s = _recent(self.token_s, (time.perf_counter() - t0) / (rows * T))
 
     def _decode(self, decoding: list[Request]) -> None:
@@ -344,14 +347,15 @@ class Engine:
         hidden = self._step_fn(self.pending[:rows, None].to(device), pos.to(device))
         rows_used = torch.tensor([r.slot for r in decoding], device=device)
         logits = self.model.logits(hidden.index_select(0, rows_used)).float()
+        greedy = _greedy_tokens(decoding, logits)
         for i, r in enumerate(decoding):
             self.cache.lengths[r.slot] += 1
-            self._emit(r, logits[i:i + 1])
+            self._emit(r, logits[i:i + 1], greedy[i])
         self.decode_s = _recent(self.decode_s, time.perf_counter() - t0)
 
-    def _emit(self, req: Request, logits: Tensor) -> None:
-        """Sample the request's next token; hand it over, or finish the request."""
-        token = int(req.sampler(logits))
+    def _emit(self, req: Request, logits: Tensor, token: int | None = None) -> None:
+        """Sample the request's next token (unless `token` is it already); hand it over, or finish the request."""
+        token = int(req.sampler(logits)) if token is None else token
         now = time.perf_counter()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -440,6 +444,19 @@ class Engine:
 
         compiled = torch.compile(decode_step, **compile_options(how, cuda))
         return (lambda ids, pos: compiled(ids, pos).clone()) if cuda else compiled
+
+
+def _greedy_tokens(reqs: Sequence[Request], logits: Tensor) -> list[int | None]:
+    """Row i's token if request i decodes greedily (no temperature, no repetition penalty), else None: one
+    argmax over all such rows, not one per row (over a 262,144-entry vocabulary, the batched reduction
+    takes half the time of 16 separate ones). The same first-maximum rule as `sampling.sample`."""
+    rows = [i for i, r in enumerate(reqs) if r.params.temperature <= 0.0 and r.sampler.seen is None]
+    tokens: list[int | None] = [None] * len(reqs)
+    if rows:
+        best = (logits if len(rows) == len(reqs) else logits[rows]).argmax(-1).tolist()
+        for i, t in zip(rows, best, strict=True):
+            tokens[i] = t
+    return tokens
 
 
 def _recent(average: float | None, value: float) -> float:

@@ -416,3 +416,27 @@ def test_decoding_slots_ride_in_the_prefill_call_when_their_pads_cost_less_than_
     assert running.tokens == lone(model, prompt(4, seed=40), 30) and long.tokens == lone(model, prompt(60, seed=41), 5)
     with pytest.raises(NanogemmaError, match="decode_in_prefill"):
         Engine(model, decode_in_prefill="sometimes")
+
+
+def test_greedy_rows_take_one_batched_argmax_that_each_rows_sampler_would_give():
+    """`_greedy_tokens`: greedy rows get their sampler's own token (ties to the first maximum); sampled
+    and penalised rows are left to their samplers."""
+    from nanogemma.engine import _greedy_tokens
+    from nanogemma.sampling import Sampler
+
+    vocab = 50
+    kinds = [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(top_k=3),
+             SamplingParams(repetition_penalty=1.3), SamplingParams()]
+    reqs = []
+    for params in kinds:
+        r = Request([1, 2], 4, params)
+        r.sampler = Sampler(params, 1, vocab)
+        reqs.append(r)
+    logits = torch.randn(len(reqs), vocab, generator=torch.Generator().manual_seed(0))
+    logits[4, 7] = logits[4, 9] = logits[4].max() + 1.0  # a tie: the first maximum, as argmax gives
+    tokens = _greedy_tokens(reqs, logits)
+    assert tokens[1] is None and tokens[3] is None  # sampled; penalised (its sampler adjusts the logits)
+    assert tokens[4] == 7
+    for i in (0, 2, 4):  # top_k without temperature is greedy, as in `sampling.sample`
+        assert tokens[i] == int(Sampler(kinds[i], 1, vocab)(logits[i:i + 1]))
+    assert _greedy_tokens(reqs[:1] + reqs[4:], logits[[0, 4]]) == [tokens[0], 7]  # all greedy: no gather
