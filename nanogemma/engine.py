@@ -304,7 +304,8 @@ class Engine:
         T = max(len(c) for c in fed)
         ids = torch.full((rows, T), self.pad_id, dtype=torch.long)
         pos = torch.full((rows, T), -1, dtype=torch.long)
-        slots = [r.slot for r in (*reqs, *riders)]
+        every = [*reqs, *riders]  # row i's request
+        slots = [r.slot for r in every]
         for i, (slot, chunk) in enumerate(zip(slots, fed, strict=True)):
             start = self.cache.lengths[slot]
             ids[i, :len(chunk)] = torch.tensor(chunk)
@@ -320,7 +321,6 @@ class Engine:
             last = torch.tensor([len(fed[i]) - 1 for i in done], device=device)
             out = self.model.logits(hidden[torch.tensor(done, device=device), last]).float()
             logits = dict(zip(done, out, strict=True))
-            every = [*reqs, *riders]
             greedy = dict(zip(done, _greedy_tokens([every[i] for i in done], out), strict=True))
         for i, r in enumerate(riders, start=len(reqs)):
             self.cache.lengths[r.slot] += 1

@@ -196,8 +196,8 @@ class LoRALinear(nn.Module):
         a = (torch.rand(rank, self.in_features, generator=generator) * 2 - 1) * bound
         self.lora_A = nn.Parameter(a.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
-        # No dropout: A's product takes x itself, which autograd then saves once for every adapter on it (q, k
-        # and v share it), not a copy per projection.
+        # Without dropout (the default) A's product takes x itself, which autograd then saves once for every
+        # adapter on it (q, k and v share it), not a copy per projection.
         self.dropout = MaskDropout(dropout) if dropout > 0 else nn.Identity()
 
     def extra_repr(self) -> str:
