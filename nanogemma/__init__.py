@@ -8,7 +8,7 @@ The names below are imported on first use, so `import nanogemma` is instant and 
 the CLI starts quickly, and `nanogemma.jax` runs on a machine without torch.
 
 Reading order (docs/CODE.md has the full map): `config` -> `model` -> `cache` -> `sampling` / `decoding`
--> `generation` -> `weights` / `weight_files` / `tokenizer` (I/O) -> `quantize` (inference kernels) ->
+-> `generation` -> `weights` / `weight_files` / `gguf_files` / `tokenizer` (I/O) -> `quantize` (inference kernels) ->
 `speculative`, `chat` -> `cli`. Subpackages: `tools/` (the command tools), `data/` (text to tokens),
 `train/` (the training loop), `jax/` (the JAX twins of model, cache, generation, load, step, loop).
 """

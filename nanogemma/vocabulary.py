@@ -109,7 +109,7 @@ def _build(pieces: list[str], types: list[int], unk: str, bos: str | None) -> _B
 
 def _read_gguf_tokenizer(path: Path) -> tuple[_Backend, dict[str, Any], list[str], list[int]]:
     """(backend, special ids..., pieces, piece types) from a GGUF's `tokenizer.ggml.*` metadata."""
-    from .weight_files import open_gguf
+    from .gguf_files import open_gguf
 
     reader = open_gguf(path)
 
@@ -144,7 +144,7 @@ def _gguf_tokens(reader, field: Callable[..., Any]) -> tuple[list[str], list[int
 def _read_gguf_byte_level(path: Path, field: Callable[..., Any]) -> tuple[_Backend, dict[str, Any], list[str], list[int]]:
     """A GGUF 'gpt2' tokenizer (byte-level BPE, GPT-2's pre-tokenizer), as `nanogemma export --to gguf`
     writes for models trained on GPT-2 or `bpe:N` data: tokens and merges spelled in GPT-2's byte alphabet."""
-    from .weight_files import open_gguf
+    from .gguf_files import open_gguf
 
     reader = open_gguf(path)
     pieces, types = _gguf_tokens(reader, field)

@@ -4,8 +4,8 @@ Every loader produces a `GemmaConfig` and a state dict in nanogemma's parameter 
 fills a model strictly: every parameter must be supplied and every tensor of the file used, with shapes
 checked; otherwise one error names the offending tensor.
 
-The file formats themselves (name maps, path rules, GGUF dequantisation) live in `weight_files.py`, shared
-with the JAX side. Dequantising the 270M GGUF takes a while (most of it parsing the 262,144-entry vocabulary),
+The file formats themselves (name maps, path rules, GGUF dequantisation) live in `weight_files.py` and
+`gguf_files.py`, shared with the JAX side. Dequantising the 270M GGUF takes a while (most of it parsing the 262,144-entry vocabulary),
 so the result is cached as safetensors keyed by the file's SHA-256: later loads memory-map the cache and
 skip the GGUF parser.
 """
@@ -27,15 +27,13 @@ from .config import GemmaConfig, from_hf_config
 from .errors import NanogemmaError
 from .files import read_json
 from .flags import check_device
+from .gguf_files import load_gguf_cached, read_gguf_arrays, release_gguf
 from .model import Gemma
 from .weight_files import (
     check_tensors,
     config_from,
     hf_state_dict,
-    load_gguf_cached,
     ours_from_hf,
-    read_gguf_arrays,
-    release_gguf,
     resolve_model,
     safetensors_damage,
     safetensors_files,

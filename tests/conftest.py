@@ -23,11 +23,11 @@ def gguf_path() -> Path:
 @contextlib.contextmanager
 def plain_gguf_reader() -> Iterator[None]:
     """transformers parses the GGUF with `gguf.GGUFReader` over a `numpy.memmap`; the same parse over a plain
-    view of the map (`weight_files.gguf_reader_class`, proven field for field in test_weights.py) takes a
+    view of the map (`gguf_files.gguf_reader_class`, proven field for field in test_weights.py) takes a
     quarter of the time, some 12 s less for each of the two references."""
     import gguf
 
-    from nanogemma.weight_files import gguf_reader_class
+    from nanogemma.gguf_files import gguf_reader_class
 
     stock, gguf.GGUFReader = gguf.GGUFReader, gguf_reader_class()
     try:

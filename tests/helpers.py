@@ -107,7 +107,7 @@ def write_gguf(path, cfg, state, qtype=None, arch="gemma3", drop=(), extra=None,
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
-    from nanogemma.weight_files import gguf_name_map
+    from nanogemma.gguf_files import gguf_name_map
 
     qtype = Q.F32 if qtype is None else qtype
     w = gguf.GGUFWriter(str(path), arch)

@@ -28,9 +28,9 @@ from nanogemma import cli
 from nanogemma.data import prepare
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import generate_ids
+from nanogemma.gguf_files import gguf_reader, read_gguf_arrays, release_gguf
 from nanogemma.tools.export_gguf import GEMMA_CHAT_TEMPLATE, export_gguf
 from nanogemma.train import resolve, train
-from nanogemma.weight_files import gguf_reader, read_gguf_arrays, release_gguf
 from nanogemma.weights import build_model, load_state
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make test` (make llama-cpp)")

@@ -59,7 +59,7 @@ def gguf_file(tiny_run, tmp_path_factory):
 
 
 def test_damaged_weights_cache_is_rebuilt_not_used(gguf_file, private_cache, tmp_path, capsys):
-    from nanogemma.weight_files import gguf_cache_file
+    from nanogemma.gguf_files import gguf_cache_file
     from nanogemma.weights import load_gguf
 
     _, first = load_gguf(gguf_file)
@@ -93,7 +93,7 @@ def test_unwritable_cache_runs_without_caching_and_says_so(gguf_file, tmp_path, 
 def test_full_disk_during_a_cache_write_leaves_nothing(gguf_file, private_cache, monkeypatch, capsys):
     import safetensors.numpy
 
-    from nanogemma.weight_files import gguf_cache_file
+    from nanogemma.gguf_files import gguf_cache_file
     from nanogemma.weights import load_gguf
 
     def full(state, filename, metadata=None):

@@ -31,7 +31,7 @@ def test_plain_gguf_reader_parses_as_the_packages_reader(tmp_path, tiny):
     the package's own `GGUFReader` gives: a vocabulary of strings, scores and types, quantised tensors."""
     import gguf
 
-    from nanogemma.weight_files import gguf_reader
+    from nanogemma.gguf_files import gguf_reader
 
     cfg, state = tiny
     tokens = [f"tok{i}" for i in range(cfg.vocab_size)]
@@ -70,14 +70,14 @@ def test_gguf_tensor_types_round_trip(tmp_path, tiny, qtype):
 
 
 def test_gguf_cache_is_used_and_rebuilt_when_damaged(tmp_path, tiny, monkeypatch):
-    import nanogemma.weight_files as W
+    import nanogemma.gguf_files as G
 
     cfg, state = tiny
     path = write_gguf(tmp_path / "m.gguf", cfg, state)
     first = load_gguf(path)[1]
     cached = list((tmp_path / "cache" / "weights").glob("*.safetensors"))
     assert len(cached) == 1
-    monkeypatch.setattr(W, "read_gguf_arrays", lambda p: pytest.fail("the cache should have been used"))
+    monkeypatch.setattr(G, "read_gguf_arrays", lambda p: pytest.fail("the cache should have been used"))
     second = load_gguf(path)[1]
     assert all(torch.equal(first[k], second[k]) for k in first)
     cached[0].write_bytes(b"not a safetensors file")

@@ -14,8 +14,8 @@ moved to JAX arrays of the asked dtype:
 bfloat16 checkpoints arrive as `ml_dtypes.bfloat16` arrays, which JAX takes as they are.
 
 Nothing here imports torch: the name maps, config parsing, path rules and GGUF dequantisation come from
-`nanogemma.weight_files`, which the PyTorch loaders use too, and the tokenizer is torch-free. So
-`import nanogemma.jax` and `load()` work on a machine without torch (`tests/test_jax_load.py` checks it).
+`nanogemma.weight_files` and `nanogemma.gguf_files`, which the PyTorch loaders use too, and the
+tokenizer is torch-free. So `import nanogemma.jax` and `load()` work on a machine without torch (`tests/test_jax_load.py` checks it).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from .. import gguf_files as G
 from .. import weight_files as W
 from ..config import GemmaConfig, from_hf_config
 from ..errors import NanogemmaError
@@ -120,12 +121,12 @@ def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
 
 def read_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     """Dequantise a Gemma 3 GGUF into (config, float32 numpy state), through the same code as PyTorch."""
-    return W.read_gguf_arrays(path)
+    return G.read_gguf_arrays(path)
 
 
 def load_gguf(path: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
     """GGUF -> (config, state) through the SHA-256-keyed safetensors cache shared with `nanogemma.weights`."""
-    return W.load_gguf_cached(path, _read_cache)
+    return G.load_gguf_cached(path, _read_cache)
 
 
 def _read_cache(file: Path) -> tuple[GemmaConfig, dict[str, np.ndarray]]:
@@ -192,7 +193,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | Any = "float32"):
         cfg, params, path = load_params(name_or_path, dtype)
         tok = load_tokenizer(path)
     finally:
-        W.release_gguf()
+        G.release_gguf()
     if tok.vocab_size > cfg.vocab_size:
         raise NanogemmaError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings; they do not belong together")

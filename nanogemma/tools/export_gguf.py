@@ -9,7 +9,7 @@ The `gguf` package writes the file; what is decided here is every convention lla
   per layer, True for a sliding layer). GGUF has no key for the attention scale: llama.cpp takes
   1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 62-layer 27B), so a model trained with another
   `query_pre_attn_scalar` is refused rather than written to run differently.
-* **tensors**: the names of `weight_files.gguf_name_map`, which the reader uses too; shapes are written
+* **tensors**: the names of `gguf_files.gguf_name_map`, which the reader uses too; shapes are written
   fastest dimension first (the `gguf` writer reverses numpy's order); RMSNorm weights are stored as
   `1 + w`, in float32 whatever `--type` says (1-d tensors are never quantised, as in llama.cpp's own
   converter); a tied head is not written (llama.cpp reuses `token_embd`), an untied one is `output`.
@@ -188,7 +188,7 @@ def _byte_level_fields(tok, spec: dict[str, Any], tokens: list[str], added: dict
 
 def check_runs_in_llama_cpp(cfg: GemmaConfig) -> None:
     """Refuse a shape llama.cpp's gemma3 would run differently from nanogemma (GGUF cannot say it)."""
-    from ..weight_files import gguf_query_pre_attn_scalar
+    from ..gguf_files import gguf_query_pre_attn_scalar
 
     expected = gguf_query_pre_attn_scalar(cfg)
     if cfg.query_pre_attn_scalar != expected:
@@ -206,7 +206,7 @@ def _pattern(cfg: GemmaConfig) -> list[bool] | None:
 
 def gguf_tensors(cfg: GemmaConfig, state: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in PyTorch's shape, norms already `1 + w`), in the writer's order."""
-    from ..weight_files import gguf_name_map, gguf_stores_offset
+    from ..gguf_files import gguf_name_map, gguf_stores_offset
 
     names = gguf_name_map(cfg.num_layers)
     unknown = set(state) - set(names.values())
