@@ -157,16 +157,18 @@ def test_reset_forgets_everything(model):
 
 @pytest.mark.slow
 def test_real_model_cached_equals_uncached_past_two_windows(model_and_tok):
-    """The 270M model: a 560-token prompt (its prefill already wraps the 512-token rings) and 540 greedy
-    tokens (the rings wrap again at 1,024), against one uncached forward over all 1,100.
+    """The 270M model: a 1,000-token prompt (its prefill wraps the 512-token rings, which then hold only
+    its last 512 keys) and 100 greedy decode steps over full rings (which wrap again at 1,024), against
+    one uncached forward over all 1,100.
 
     Tolerance: max |cached - uncached| logit < 5e-3 (logits span about ±30; float32 reordering of sums
     across different attention shapes gives ~1e-4). Each greedy token must be the uncached argmax, unless
     the top two uncached logits are closer than that tolerance (a tie that either choice honours).
     """
     model, tok = model_and_tok
-    ids = tok.encode(PROMPTS["long"])[:560]
+    ids = tok.encode(PROMPTS["long"] + "\n\n" + PROMPTS["long"])[:1000]
     steps = 1100 - len(ids)
+    assert len(ids) == 1000 and len(ids) % model.config.sliding_window + steps > model.config.sliding_window
     session = Session(model, 1, len(ids) + steps + 1)
     vocab_sample = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))[:4096]
     seq, kept = list(ids), []  # per step: the cached logits at the argmax and at 4,096 fixed ids
