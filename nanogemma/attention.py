@@ -105,6 +105,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale:
     """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
     gqa = k.shape[1] != q.shape[1]
     if not isinstance(mask, Layout):  # an explicit mask (a cache's): the kernel takes it as it is
+        B, H, Tq, D = q.shape
+        if gqa and Tq == 1 and mask.shape[1] == 1:
+            # A decode step: the G query heads that share a key/value head go in as G query rows of that
+            # head, which the kernel then reads once, not once per query head (the same mask row for all).
+            Hkv = k.shape[1]
+            out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=scale)
+            return out.view(B, H, 1, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if gqa:
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])

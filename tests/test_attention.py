@@ -107,3 +107,25 @@ def test_layout_keeps_memory_linear():
     pos = torch.arange(8192).remainder(300)[None]  # documents of 300 tokens
     glob = Layout.of(pos, 8192).query_blocks(None, torch.device("cpu"))
     assert max(b.mask.shape[-1] for b in glob) <= MIN_BLOCK + 300 + MIN_BLOCK
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (8, 2), (4, 4)])
+def test_a_decode_step_folds_each_query_group_onto_its_key_value_head(heads, kv_heads):
+    """One query per row (a decode step) against a cache with a per-row mask: `attend` hands the query heads
+    that share a key/value head to the kernel as rows of that head. The result must be every query head's
+    own attention over its group's key/value head: checked against float64, with rows whose masks differ."""
+    from nanogemma.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    B, T, D = 3, 37, 16
+    q = torch.randn(B, heads, 1, D, generator=g)
+    k, v = torch.randn(B, kv_heads, T, D, generator=g), torch.randn(B, kv_heads, T, D, generator=g)
+    mask = torch.rand(B, 1, 1, T, generator=g) < 0.7
+    mask[..., 0] = True
+    got = attend(q, k, v, mask, 0.25, None)
+    group = heads // kv_heads
+    kd, vd = (x.double().repeat_interleave(group, dim=1) for x in (k, v))  # query head h reads kv head h // group
+    scores = (q.double() @ kd.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    want = scores.softmax(-1) @ vd
+    assert got.shape == (B, heads, 1, D)
+    assert (got.double() - want).abs().max().item() < 1e-5
