@@ -106,7 +106,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale:
     gqa = k.shape[1] != q.shape[1]
     if not isinstance(mask, Layout):  # an explicit mask (a cache's): the kernel takes it as it is
         B, H, Tq, D = q.shape
-        if gqa and Tq == 1 and mask.shape[1] == 1:
+        if gqa and Tq == 1 and (mask is None or mask.shape[1] == 1):
             # A decode step: the G query heads that share a key/value head go in as G query rows of that
             # head, which the kernel then reads once, not once per query head (the same mask row for all).
             Hkv = k.shape[1]

@@ -129,3 +129,5 @@ def test_a_decode_step_folds_each_query_group_onto_its_key_value_head(heads, kv_
     want = scores.softmax(-1) @ vd
     assert got.shape == (B, heads, 1, D)
     assert (got.double() - want).abs().max().item() < 1e-5
+    unmasked = (q.double() @ kd.transpose(-1, -2) * 0.25).softmax(-1) @ vd  # no mask: every key
+    assert (attend(q, k, v, None, 0.25, None).double() - unmasked).abs().max().item() < 1e-5
