@@ -168,6 +168,7 @@ def test_real_model_cached_equals_uncached_past_two_windows(model_and_tok):
     model, tok = model_and_tok
     ids = tok.encode(PROMPTS["long"] + "\n\n" + PROMPTS["long"])[:1000]
     steps = 1100 - len(ids)
+    # The decode steps write ring slots 1000 % W onwards: they pass the ring's end, a wrap while decoding.
     assert len(ids) == 1000 and len(ids) % model.config.sliding_window + steps > model.config.sliding_window
     session = Session(model, 1, len(ids) + steps + 1)
     vocab_sample = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))[:4096]
