@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--quality-text", default="docs/ARCHITECTURE.md",
                     help="held-out text for the perplexity column ('' to skip)")
     ap.add_argument("--quality-tokens", type=int, default=1024)
+    ap.add_argument("--draft-vocab", type=int, default=None, help="+spec modes: the draft head's first ids")
+    ap.add_argument("--draft-tokens", type=int, default=None, help="+spec modes: drafts per check")
     args = ap.parse_args()
 
     kind, path = resolve_model(args.model)
@@ -110,6 +112,7 @@ def main() -> None:
     ids = prompt_ids(load_tokenizer(path), args.prompt_tokens)
     spec = {"model": str(path), "ids": ids, "new_tokens": args.new_tokens, "threads": args.threads,
             "device": "cpu"}
+    spec.update({k: v for k, v in (("draft_vocab", args.draft_vocab), ("draft_tokens", args.draft_tokens)) if v})
     print(f"# {machine()}", flush=True)
     speeds: dict[str, list[float]] = {}
     prefill: dict[str, list[float]] = {}

@@ -135,8 +135,14 @@ class Int8Linear(nn.Module):
 
     def rows(self, ids: Tensor) -> Int8Linear:
         """The same kernel over rows `ids` only, with the very same int8 numbers (a draft head's logits are
-        the full head's for its tokens)."""
-        q, scale = self.int8_rows()
+        the full head's for its tokens).
+
+        A draft head asks again each time a token joins its set, so the unpacked rows are kept after the
+        first call: unpacking fbgemm's form of the whole 262,144-row head took longer than a decode step,
+        and speculation paid it on every new token (the unpacked copy costs the head's int8 size again)."""
+        if getattr(self, "_unpacked", None) is None:
+            self._unpacked = self.int8_rows()
+        q, scale = self._unpacked
         q, scale = q[ids.to(q.device)], scale[ids.to(q.device)]
         # `weight` only gives the shape and device here
         return Int8Linear(q, self.kernel, rows=(q, scale), input_scale=self.input_scale)

@@ -104,6 +104,7 @@ def worker_nanogemma(spec: dict) -> dict:
     """Measure one mode in this (fresh) process; `spec['t_spawn']` is when the parent started it."""
     import torch
 
+    from ..decoding import DEFAULT_DRAFT_TOKENS, DEFAULT_DRAFT_VOCAB
     from ..generation import Decoder, Session
     from ..speculative import Speculation
 
@@ -135,7 +136,9 @@ def worker_nanogemma(spec: dict) -> dict:
     stamps, generated = [], []
     t = time.perf_counter()
     decoder = Decoder(model, [ids], n_new, stop_ids=set(), compile=compiled,
-                      speculation=Speculation.for_tokenizer(tok) if speculative else None)
+                      speculation=Speculation.for_tokenizer(tok, spec.get("draft_vocab", DEFAULT_DRAFT_VOCAB),
+                                                            spec.get("draft_tokens", DEFAULT_DRAFT_TOKENS))
+                      if speculative else None)
     for row in decoder:
         stamps.append(time.perf_counter())  # each stamp follows one sampled token
         generated.append(row[0])
