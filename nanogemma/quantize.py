@@ -102,6 +102,7 @@ class Int8Linear(nn.Module):
             raise NanogemmaError(f"unknown int8 kernel '{kernel}'; choose from: {', '.join(MODES)}")
         self.out_features, self.in_features = weight.shape
         self.kernel = kernel if weight.device.type == "cpu" else "int8-wo"  # fbgemm is CPU-only
+        self._unpacked: tuple[Tensor, Tensor] | None = None  # `rows()`'s copy of (q, scale), made on first use
         # `input_scale` (c, one per input channel; see `smoothing_scale`): x * c is rounded and multiplied
         # by the rows of weight / c, the same product. Only the dynamic kernel rounds x, so only it takes c.
         c = None
@@ -138,9 +139,9 @@ class Int8Linear(nn.Module):
         the full head's for its tokens).
 
         A draft head asks again each time a token joins its set, so the unpacked rows are kept after the
-        first call: unpacking fbgemm's form of the whole 262,144-row head took longer than a decode step,
-        and speculation paid it on every new token (the unpacked copy costs the head's int8 size again)."""
-        if getattr(self, "_unpacked", None) is None:
+        first call: unpacking fbgemm's form of the whole 262,144-row head on every new token made eager
+        speculation slower than plain int8 (docs/BENCHMARKS.md). The copy costs the head's int8 size again."""
+        if self._unpacked is None:
             self._unpacked = self.int8_rows()
         q, scale = self._unpacked
         q, scale = q[ids.to(q.device)], scale[ids.to(q.device)]
