@@ -18,7 +18,13 @@ not its predecessor's plus one starts a new document (positions restart at 0 for
 So the model needs no extra argument, and a plain `arange` is one document.
 
 `attend` is the single entry point: model.py calls it with either a mask tensor (a KV cache's, or a
-test's), which goes straight to the kernel, or a `Layout` of the sequence, which picks a kernel above.
+test's), which goes to the kernel (a decode step's perhaps in two calls, below), or a `Layout` of the
+sequence, which picks a kernel above.
+
+A cache's decode step has one query per row, and in a server's batch the rows' histories can differ a lot
+in length (one long document beside short chats). The kernel computes every key a mask hides, so rows
+whose history ends at or before half of the longest's get a call of their own over only the keys they
+need (`_short_rows`): the same attention, for a fraction of the reads.
 """
 
 from __future__ import annotations
@@ -100,12 +106,63 @@ def repeat_kv(x: Tensor, heads: int) -> Tensor:
     return x[:, :, None].expand(B, Hkv, heads // Hkv, T, D).reshape(B, heads, T, D)
 
 
+SPLIT_MIN_KEYS = 128  # a decode step's short rows get their own call when it skips at least this many keys
+
+
+def _short_rows(mask: Tensor) -> tuple[list[int], list[int], int] | None:
+    """For a decode step's mask (B, 1, 1, Tk): (short rows, the others, the keys the short rows need) when
+    some rows' histories end at or before half of the longest's, else None.
+
+    The CPU kernel computes every key a mask hides, and a batch's keys are as many as its longest history
+    needs: beside one 4,000-token prompt, fifteen 200-token conversations would each attend to 4,000
+    entries. Only eager CPU steps are split: it reads the mask's values (a sync on a GPU) and its shapes
+    depend on them (a compiled step's may not)."""
+    if mask.device.type != "cpu" or mask.dtype != torch.bool or torch.compiler.is_compiling():
+        return None
+    B, Tk = mask.shape[0], mask.shape[-1]
+    if Tk < 2 * SPLIT_MIN_KEYS:
+        return None
+    allowed = mask.reshape(B, -1, Tk).any(dim=1)
+    ends = (Tk - allowed.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # one past each row's last key
+    longest = max(ends)
+    short = [i for i, e in enumerate(ends) if 2 * e <= longest]
+    if not short or len(short) == B:
+        return None
+    need = max(ends[i] for i in short)
+    if Tk - need < SPLIT_MIN_KEYS:
+        return None
+    return short, [i for i in range(B) if 2 * ends[i] > longest], need
+
+
+def _rows(x: Tensor, idx: list[int]) -> Tensor:
+    """x[idx] along the batch: a view when the rows are consecutive."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return x[idx[0]:idx[0] + len(idx)]
+    return x[torch.tensor(idx, device=x.device)]
+
+
+def _attend_in_two(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, window: int | None,
+                   short: list[int], others: list[int], need: int) -> Tensor:
+    """A decode step in two calls: the short rows over their first `need` keys (every later key is hidden
+    from them), the others over all. Each row's numbers are those of a batch of it alone over those keys."""
+    out = q.new_empty(q.shape)
+    for idx, n in ((short, need), (others, k.shape[2])):
+        part = attend(_rows(q, idx), _rows(k, idx)[:, :, :n], _rows(v, idx)[:, :, :n], _rows(mask, idx)[..., :n],
+                      scale, window)
+        out[torch.tensor(idx, device=q.device)] = part
+    return out
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale: float,
            window: int | None) -> Tensor:
     """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
     gqa = k.shape[1] != q.shape[1]
     if not isinstance(mask, Layout):  # an explicit mask (a cache's): the kernel takes it as it is
         B, H, Tq, D = q.shape
+        if Tq == 1 and mask is not None and B > 1:
+            split = _short_rows(mask)
+            if split is not None:
+                return _attend_in_two(q, k, v, mask, scale, window, *split)
         if gqa and Tq == 1 and (mask is None or mask.shape[1] == 1):
             # A decode step: the G query heads that share a key/value head go in as G query rows of that
             # head, which the kernel then reads once, not once per query head (the same mask row for all).

@@ -131,3 +131,30 @@ def test_a_decode_step_folds_each_query_group_onto_its_key_value_head(heads, kv_
     assert (got.double() - want).abs().max().item() < 1e-5
     unmasked = (q.double() @ kd.transpose(-1, -2) * 0.25).softmax(-1) @ vd  # no mask: every key
     assert (attend(q, k, v, None, 0.25, None).double() - unmasked).abs().max().item() < 1e-5
+
+
+def test_a_decode_step_gives_short_rows_their_own_call():
+    """Rows whose histories end at or before half of the longest's attend in a call of their own, over only
+    the keys they need; the result must still be each row's attention over its own keys (float64 bound: a
+    small multiple of one plain float32 call's own error), for rows in any order."""
+    from nanogemma.attention import SPLIT_MIN_KEYS, _short_rows, attend
+
+    g = torch.Generator().manual_seed(1)
+    B, H, T, D = 4, 4, 600, 32
+    ends = [600, 40, 550, 90]  # rows 1 and 3 are short, and not consecutive
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, 1, T, D, generator=g), torch.randn(B, 1, T, D, generator=g)
+    mask = torch.zeros(B, 1, 1, T, dtype=torch.bool)
+    for i, e in enumerate(ends):
+        mask[i, ..., :e] = True
+    assert _short_rows(mask) == ([1, 3], [0, 2], 90)
+    got = attend(q, k, v, mask, 0.2, None)
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.2).masked_fill(~mask, float("-inf"))
+    want = scores.softmax(-1) @ v.double()
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k.expand(B, H, T, D), v.expand(B, H, T, D),
+                                                             attn_mask=mask, scale=0.2)
+    plain_err = (plain.double() - want).abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 4 * plain_err + 16 * EPS32
+    # Too little to skip, or every row alike: one call, as before.
+    assert _short_rows(mask[:, ..., :2 * SPLIT_MIN_KEYS - 1]) is None
+    assert _short_rows(mask[[0, 2]]) is None
