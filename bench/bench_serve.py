@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_serve.py [--servers nanogemma,llama-cpp-python,transformers]
         [--concurrency 1,4,16,64] [--requests-per-client 2] [--max-tokens 64] [--prompt-tokens 128]
-        [--dtype float32|bfloat16] [--quantize int8|int8-wo] [--slots 16] [--step-tokens 256]
+        [--dtype float32|bfloat16] [--quantize int8|int8-wo] [--slots 16] [--step-tokens 256] [--prefill-share 0.5]
         [--long-prompt 4000] [--system-prompt 512 --prefix-cache 8,0]
 
 Each server is started in its own process on the official 270M GGUF, serves every concurrency level, then is
@@ -73,6 +73,8 @@ def nanogemma_label(args, prefix_cache: int | None) -> str:
     """The row name of one nanogemma variant: its mode and engine settings."""
     mode = args.quantize or args.dtype
     label = f"nanogemma {mode}{'+compile' if args.compile else ''} slots {args.slots} step {args.step_tokens}"
+    if args.prefill_share is not None:
+        label += f" prefill-share {args.prefill_share:g}"
     return label if prefix_cache is None else f"{label} prefix-cache {prefix_cache}"
 
 
@@ -83,6 +85,8 @@ def server_command(name: str, gguf: Path, port: int, args, prefix_cache: int | N
         cmd = [py, "-m", "nanogemma", "serve", "--model", str(gguf), "--port", str(port), "--slots",
                str(args.slots), "--max-queue", "1024", "--context", str(args.context), "--log-level", "warning",
                "--dtype", args.dtype, "--step-tokens", str(args.step_tokens)]
+        if args.prefill_share is not None:
+            cmd += ["--prefill-share", str(args.prefill_share)]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
         if args.compile:
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--slots", type=int, default=16, help="nanogemma's --slots")
     ap.add_argument("--step-tokens", type=int, default=256, help="nanogemma's --step-tokens")
+    ap.add_argument("--prefill-share", type=float, default=None,
+                    help="nanogemma's --prefill-share (default: the server's own, 0.5; 0: no limit)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="nanogemma's --dtype")
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-wo"], help="nanogemma's --quantize")
     ap.add_argument("--compile", action="store_true", help="nanogemma's --compile")

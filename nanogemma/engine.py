@@ -24,7 +24,9 @@ attention sees its own history and nothing else, whatever the other slots hold.
    one slot after another, and a short prompt beside a 4,000-token one gets its first token within a step
    or two. A long prompt is fed a chunk per step between the decode steps, so it delays the others by a
    chunk's time, not by its whole length: the smaller `step_tokens`, the less it stretches their token
-   gaps (each prompt still gets `MIN_CHUNK` tokens a step, so a burst is not served a few at a time). A
+   gaps (each prompt still gets `MIN_CHUNK` tokens a step, so a burst is not served a few at a time).
+   With `prefill_share` the chunks also take no more than that fraction of a decode call's time, on the
+   engine's own timings, so the gaps grow by at most that fraction whatever the machine's speed. A
    prompt's last chunk gives its first token. When prompts are being prefilled, the decoding slots can
    ride in the same call as rows of one token each (`decode_in_prefill`): a decode step reads every weight
    once whatever its rows, so on a CPU, where that read is most of a decode step's time, one call instead
@@ -73,6 +75,7 @@ DEFAULT_STEP_TOKENS = 256
 DEFAULT_CONTEXT = 8192
 MIN_CHUNK = 16  # prompt tokens a step gives each prompt being prefilled, at least
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
+DEFAULT_PREFILL_SHARE = 0.5  # `nanogemma serve`: prompt chunks take at most half a decode call's time
 RIDE_MODES = ("auto", "always", "never")
 
 
@@ -144,17 +147,24 @@ class Engine:
     (decode and prefill together), `max_queue` how many requests may wait for a slot, `prefix_cache` how many
     prompt prefixes to keep for reuse (0: none), `decode_in_prefill` whether decoding slots ride in the
     prefill call ("auto": when the engine's timings say one call is cheaper than two; CPU only, where a
-    call's time is measured without synchronising a device).
+    call's time is measured without synchronising a device), `prefill_share` (None: no limit) how long a
+    step's prompt chunks may take while slots are decoding, as a fraction of a decode call (on the engine's
+    recent timings): the decoding slots' gaps between tokens then grow by at most that fraction, whatever
+    the length of a prompt that arrives, and the prompt takes more steps.
     """
 
     def __init__(self, model: Gemma, slots: int = DEFAULT_SLOTS, max_len: int | None = None,
                  step_tokens: int = DEFAULT_STEP_TOKENS, max_queue: int = 64, compile: bool | str = False,
-                 pad_id: int = 0, prefix_cache: int = 0, decode_in_prefill: str = "auto"):
+                 pad_id: int = 0, prefix_cache: int = 0, decode_in_prefill: str = "auto",
+                 prefill_share: float | None = None):
         cfg = model.config
         check_settings(slots, step_tokens, max_queue, prefix_cache)
         if decode_in_prefill not in RIDE_MODES:
             raise NanogemmaError(f"decode_in_prefill must be one of {', '.join(RIDE_MODES)}, "
                                  f"got {decode_in_prefill!r}")
+        if prefill_share is not None and not prefill_share > 0:
+            raise NanogemmaError(f"--prefill-share must be > 0, got {prefill_share}")
+        self.prefill_share = prefill_share
         self.ride = decode_in_prefill if decode_in_prefill != "auto" or model.device.type == "cpu" else "never"
         self.decode_s: float | None = None  # recent seconds per decode call
         self.token_s: float | None = None  # recent seconds per row-token of a prefill call (pads included)
@@ -228,7 +238,7 @@ class Engine:
             return False
         t0 = time.perf_counter()
         decoding = [r for r in self.active if r is not None and r.fed == len(r.prompt)]
-        self._prefill(max(self.step_tokens - len(decoding), 1), decoding)
+        self._prefill(self._budget(len(decoding)), decoding)
         self.stats.steps += 1
         self.stats.busy_seconds += time.perf_counter() - t0
         return True
@@ -276,6 +286,14 @@ class Engine:
             budget -= len(reqs) * longest
         if riders:
             self._decode(riders)
+
+    def _budget(self, decoding: int) -> int:
+        """Prompt tokens this step may feed: `step_tokens` less the decode tokens, and while slots decode, no
+        more than `prefill_share` of a decode call's time at the recent cost per prompt token."""
+        budget = max(self.step_tokens - decoding, 1)
+        if decoding and self.prefill_share is not None and self.decode_s is not None and self.token_s:
+            budget = min(budget, max(int(self.prefill_share * self.decode_s / self.token_s), 1))
+        return budget
 
     def _rides(self, riders: int, longest: int) -> bool:
         """Whether `riders` decoding slots should join a prefill call of chunks `longest` tokens long: when

@@ -29,6 +29,7 @@ from pathlib import Path
 from .api import ApiError, chat_prompt, completion_options, load_chat_template, render_chat_template
 from .decoding import SamplingParams, TextStream, stop_ids_for
 from .engine import (
+    DEFAULT_PREFILL_SHARE,
     DEFAULT_PREFIX_CACHE,
     DEFAULT_SLOTS,
     DEFAULT_STEP_TOKENS,
@@ -378,21 +379,24 @@ def create_app(state: ServerState):
 def load_engine(model: str | None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None,
                 slots: int = DEFAULT_SLOTS, max_queue: int = 64, context: int | None = None,
                 step_tokens: int = DEFAULT_STEP_TOKENS, compile: bool = False,
-                prefix_cache: int = DEFAULT_PREFIX_CACHE, adapter: str | None = None):
+                prefix_cache: int = DEFAULT_PREFIX_CACHE, adapter: str | None = None,
+                prefill_share: float | None = DEFAULT_PREFILL_SHARE):
     """Load a model as `generate` does (a LoRA `adapter` merged in first) and wrap it in an engine:
     (engine, tokenizer)."""
     from .weights import load_for_inference
 
     m, tok = load_for_inference(model, dtype, device, quantize, pack=not compile, adapter=adapter)
     return Engine(m, slots=slots, max_len=context, step_tokens=step_tokens, max_queue=max_queue,
-                  compile=compile, pad_id=getattr(tok, "pad_id", 0) or 0, prefix_cache=prefix_cache), tok
+                  compile=compile, pad_id=getattr(tok, "pad_id", 0) or 0, prefix_cache=prefix_cache,
+                  prefill_share=prefill_share), tok
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
           device: str = "cpu", quantize: str | None = None, slots: int = DEFAULT_SLOTS, max_queue: int = 64,
           api_key: str | None = None, context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
           timeout: float = DEFAULT_TIMEOUT, max_body: int = DEFAULT_MAX_BODY, compile: bool = False,
-          log_level: str = "info", prefix_cache: int = DEFAULT_PREFIX_CACHE, adapter: str | None = None) -> int:
+          log_level: str = "info", prefix_cache: int = DEFAULT_PREFIX_CACHE, adapter: str | None = None,
+          prefill_share: float | None = DEFAULT_PREFILL_SHARE) -> int:
     """Run the server until interrupted. The port opens at once; /health answers 503 until the model is loaded.
     `adapter`, a LoRA folder (peft's or a LoRA run), is merged into the model as `generate --adapter` does."""
     try:
@@ -404,6 +408,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
         raise NanogemmaError(f"--port must be in 1..65535, got {port}")
     if not timeout > 0:
         raise NanogemmaError(f"--timeout must be > 0 seconds, got {timeout}")
+    if prefill_share is not None and not prefill_share > 0:
+        raise NanogemmaError(f"--prefill-share must be > 0 (0 on the command line: no limit), got {prefill_share}")
     if adapter is not None:  # read here too (adapters are small): a wrong folder is one line, not a 500 at /health
         from .lora import read_adapter
 
@@ -414,7 +420,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
     def load() -> None:
         try:
             state.start(*load_engine(model, dtype, device, quantize, slots, max_queue, context, step_tokens, compile,
-                                    prefix_cache, adapter))
+                                    prefix_cache, adapter, prefill_share))
         except Exception as e:  # reported by /health and every call, as a NanogemmaError would be
             state.load_error = f"the model failed to load: {e}"
 

@@ -95,13 +95,18 @@ def test_summary_prints_ratios_the_long_prompt_check_and_the_prefix_gain(bench):
 
 def test_nanogemma_command_passes_the_mode_and_engine_settings(bench, tmp_path):
     ns = bench.argparse.Namespace(slots=64, context=4200, dtype="bfloat16", step_tokens=512, quantize=None,
-                                  compile=False)
+                                  compile=False, prefill_share=None)
     cmd, model = bench.server_command("nanogemma", tmp_path / "m.gguf", 1234, ns, prefix_cache=0)
     flags = " ".join(cmd[cmd.index("serve"):])
     for needle in ("--slots 64", "--context 4200", "--dtype bfloat16", "--step-tokens 512", "--prefix-cache 0"):
         assert needle in flags
     assert "--quantize" not in flags and model == "m"
     assert bench.nanogemma_label(ns, 0) == "nanogemma bfloat16 slots 64 step 512 prefix-cache 0"
+    assert "--prefill-share" not in flags  # the server's own default
+    ns.prefill_share = 0.5
+    cmd, _ = bench.server_command("nanogemma", tmp_path / "m.gguf", 1234, ns)
+    assert cmd[cmd.index("--prefill-share") + 1] == "0.5"
+    assert bench.nanogemma_label(ns, None) == "nanogemma bfloat16 slots 64 step 512 prefill-share 0.5"
 
 
 @pytest.mark.parametrize("batching", ["continuous", "none"])

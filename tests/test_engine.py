@@ -15,7 +15,7 @@ import torch
 from helpers import tiny_model
 
 from nanogemma.decoding import SamplingParams
-from nanogemma.engine import Engine, QueueFull, Request
+from nanogemma.engine import MIN_CHUNK, Engine, QueueFull, Request
 from nanogemma.errors import NanogemmaError
 from nanogemma.generation import Session, generate_ids
 from nanogemma.model import Gemma
@@ -440,3 +440,28 @@ def test_greedy_rows_take_one_batched_argmax_that_each_rows_sampler_would_give()
     for i in (0, 2, 4):  # top_k without temperature is greedy, as in `sampling.sample`
         assert tokens[i] == int(Sampler(kinds[i], 1, vocab)(logits[i:i + 1]))
     assert _greedy_tokens(reqs[:1] + reqs[4:], logits[[0, 4]]) == [tokens[0], 7]  # all greedy: no gather
+
+
+def test_while_slots_decode_a_prompt_chunk_takes_at_most_its_share_of_a_decode_call(model, monkeypatch):
+    """With `prefill_share`, a step's prompt tokens cost at most that fraction of a decode call (on the engine's
+    timings), so a long prompt cannot stretch the decoding slots' gaps by more; alone, a prompt takes the
+    whole budget. The tokens are still each prompt's lone ones."""
+    engine = Engine(model, slots=3, max_len=256, step_tokens=64, decode_in_prefill="never", prefill_share=0.5)
+    calls = record_feeds(engine, monkeypatch)
+    first = engine.submit(Request(prompt(100, seed=50), 40))
+    engine.step()
+    assert calls[-1] == [(first.slot, 64)]  # nothing decodes: the whole budget
+    while not first.tokens:
+        engine.step()
+    long = engine.submit(Request(prompt(150, seed=51), 5))
+    # A decode call of 10 ms, a prompt token 0.25 ms: 0.5 x 10 / 0.25 = 20 tokens (the budget allows 63).
+    engine.decode_s, engine.token_s = 0.010, 0.00025
+    engine.step()
+    assert calls[-1] == [(long.slot, 20)]
+    engine.decode_s, engine.token_s = 0.010, 0.01  # a token dearer than the share: MIN_CHUNK still goes in
+    engine.step()
+    assert calls[-1] == [(long.slot, MIN_CHUNK)]
+    run_all(engine)
+    assert first.tokens == lone(model, prompt(100, seed=50), 40) and long.tokens == lone(model, prompt(150, seed=51), 5)
+    with pytest.raises(NanogemmaError, match="prefill-share"):
+        Engine(model, prefill_share=0)

@@ -28,6 +28,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="tokens per request, prompt plus reply (default 8192, at most the model's context)")
     p.add_argument("--step-tokens", type=POSITIVE, default=256,
                    help="tokens one engine step may feed, decode and prompt chunks together (default 256)")
+    p.add_argument("--prefill-share", type=number(float, 0), default=0.5,  # engine.DEFAULT_PREFILL_SHARE
+                   help="while requests decode, a step's prompt chunks take at most this fraction of a decode "
+                        "step's time, so a long prompt stretches their token gaps by at most that much "
+                        "(default 0.5; 0: only --step-tokens limits them)")
     p.add_argument("--prefix-cache", type=NON_NEGATIVE, default=8,  # engine.DEFAULT_PREFIX_CACHE
                    help="prompt prefixes kept for reuse, e.g. a shared system prompt (default 8, 0: off; "
                         "each holds a slot's cache rows)")
@@ -43,4 +47,4 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(args.model, args.host, args.port, args.dtype, args.device, args.quantize, args.slots,
                  args.max_queue, args.api_key, args.context, args.step_tokens, args.timeout,
                  compile=args.compile, log_level=args.log_level, prefix_cache=args.prefix_cache,
-                 adapter=args.adapter)
+                 adapter=args.adapter, prefill_share=args.prefill_share or None)
