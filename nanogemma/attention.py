@@ -144,7 +144,8 @@ def _rows(x: Tensor, idx: list[int]) -> Tensor:
 def _attend_in_two(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, window: int | None,
                    short: list[int], others: list[int], need: int) -> Tensor:
     """A decode step in two calls: the short rows over their first `need` keys (every later key is hidden
-    from them), the others over all. Each row's numbers are those of a batch of it alone over those keys."""
+    from them), the others over all. Each row attends to the same keys as in one call; only hidden ones
+    are dropped (the rounding may differ in the last bits, as between any two key counts)."""
     out = q.new_empty(q.shape)
     for idx, n in ((short, need), (others, k.shape[2])):
         part = attend(_rows(q, idx), _rows(k, idx)[:, :, :n], _rows(v, idx)[:, :, :n], _rows(mask, idx)[..., :n],
