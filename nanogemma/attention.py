@@ -134,13 +134,6 @@ def _short_rows(mask: Tensor) -> tuple[list[int], list[int], int] | None:
     return short, [i for i in range(B) if 2 * ends[i] > longest], need
 
 
-def _rows(x: Tensor, idx: list[int]) -> Tensor:
-    """x[idx] along the batch: a view when the rows are consecutive."""
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return x[idx[0]:idx[0] + len(idx)]
-    return x[torch.tensor(idx, device=x.device)]
-
-
 def _attend_in_two(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, window: int | None,
                    short: list[int], others: list[int], need: int) -> Tensor:
     """A decode step in two calls: the short rows over their first `need` keys (every later key is hidden
@@ -148,9 +141,9 @@ def _attend_in_two(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, 
     are dropped (the rounding may differ in the last bits, as between any two key counts)."""
     out = q.new_empty(q.shape)
     for idx, n in ((short, need), (others, k.shape[2])):
-        part = attend(_rows(q, idx), _rows(k, idx)[:, :, :n], _rows(v, idx)[:, :, :n], _rows(mask, idx)[..., :n],
-                      scale, window)
-        out[torch.tensor(idx, device=q.device)] = part
+        consecutive = idx == list(range(idx[0], idx[0] + len(idx)))  # then the rows are views, not copies
+        rows = slice(idx[0], idx[0] + len(idx)) if consecutive else torch.tensor(idx, device=q.device)
+        out[rows] = attend(q[rows], k[rows, :, :n], v[rows, :, :n], mask[rows, ..., :n], scale, window)
     return out
 
 

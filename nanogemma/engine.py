@@ -79,12 +79,15 @@ DEFAULT_PREFILL_SHARE = 0.5  # `nanogemma serve`: prompt chunks take at most hal
 RIDE_MODES = ("auto", "always", "never")
 
 
-def check_settings(slots: int, step_tokens: int, max_queue: int, prefix_cache: int) -> None:
+def check_settings(slots: int, step_tokens: int, max_queue: int, prefix_cache: int,
+                   prefill_share: float | None = None) -> None:
     """Refuse engine settings that cannot work (the server checks them before it loads the model)."""
     for name, value, least in (("--slots", slots, 1), ("--step-tokens", step_tokens, 1),
                                ("--max-queue", max_queue, 0), ("--prefix-cache", prefix_cache, 0)):
         if value < least:
             raise NanogemmaError(f"{name} must be >= {least}, got {value}")
+    if prefill_share is not None and not prefill_share > 0:
+        raise NanogemmaError(f"--prefill-share must be > 0 (0 on the command line: no limit), got {prefill_share}")
 
 
 class QueueFull(NanogemmaError):
@@ -158,12 +161,10 @@ class Engine:
                  pad_id: int = 0, prefix_cache: int = 0, decode_in_prefill: str = "auto",
                  prefill_share: float | None = None):
         cfg = model.config
-        check_settings(slots, step_tokens, max_queue, prefix_cache)
+        check_settings(slots, step_tokens, max_queue, prefix_cache, prefill_share)
         if decode_in_prefill not in RIDE_MODES:
             raise NanogemmaError(f"decode_in_prefill must be one of {', '.join(RIDE_MODES)}, "
                                  f"got {decode_in_prefill!r}")
-        if prefill_share is not None and not prefill_share > 0:
-            raise NanogemmaError(f"--prefill-share must be > 0, got {prefill_share}")
         self.prefill_share = prefill_share
         self.ride = decode_in_prefill if decode_in_prefill != "auto" or model.device.type == "cpu" else "never"
         self.decode_s: float | None = None  # recent seconds per decode call

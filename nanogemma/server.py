@@ -403,13 +403,11 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
         import uvicorn
     except ImportError:
         raise NanogemmaError("the server needs FastAPI and uvicorn: pip install 'nanogemma[serve]'") from None
-    check_settings(slots, step_tokens, max_queue, prefix_cache)
+    check_settings(slots, step_tokens, max_queue, prefix_cache, prefill_share)
     if not 0 < port < 65536:
         raise NanogemmaError(f"--port must be in 1..65535, got {port}")
     if not timeout > 0:
         raise NanogemmaError(f"--timeout must be > 0 seconds, got {timeout}")
-    if prefill_share is not None and not prefill_share > 0:
-        raise NanogemmaError(f"--prefill-share must be > 0 (0 on the command line: no limit), got {prefill_share}")
     if adapter is not None:  # read here too (adapters are small): a wrong folder is one line, not a 500 at /health
         from .lora import read_adapter
 
