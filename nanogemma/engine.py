@@ -77,6 +77,7 @@ MIN_CHUNK = 16  # prompt tokens a step gives each prompt being prefilled, at lea
 DEFAULT_PREFIX_CACHE = 8  # prefixes `nanogemma serve` keeps
 DEFAULT_PREFILL_SHARE = 0.5  # `nanogemma serve`: prompt chunks take at most half a decode call's time
 RIDE_MODES = ("auto", "always", "never")
+HEAD_ROWS = 16  # rows of logits one head call makes (see `Engine._head`)
 
 
 def check_settings(slots: int, step_tokens: int, max_queue: int, prefix_cache: int,
@@ -334,16 +335,14 @@ class Engine:
         # The head only for rows that need a token: prompts ending here and riders, at their last real token.
         done = [i for i, (r, c) in enumerate(zip(reqs, chunks, strict=True)) if r.fed + len(c) == len(r.prompt)]
         done += range(len(reqs), rows)
-        logits: dict[int, Tensor] = {}
-        greedy: dict[int, int | None] = {}
+        heads: dict[int, tuple[Tensor, int | None]] = {}
         if done:
             last = torch.tensor([len(fed[i]) - 1 for i in done], device=device)
-            out = self.model.logits(hidden[torch.tensor(done, device=device), last]).float()
-            logits = dict(zip(done, out, strict=True))
-            greedy = dict(zip(done, _greedy_tokens([every[i] for i in done], out), strict=True))
+            out = self._head([every[i] for i in done], hidden[torch.tensor(done, device=device), last])
+            heads = dict(zip(done, out, strict=True))
         for i, r in enumerate(riders, start=len(reqs)):
             self.cache.lengths[r.slot] += 1
-            self._emit(r, logits[i][None], greedy[i])
+            self._emit(r, *heads[i])
         for i, (req, chunk) in enumerate(zip(reqs, chunks, strict=True)):
             self.cache.lengths[req.slot] += len(chunk)
             req.fed += len(chunk)
@@ -351,8 +350,8 @@ class Engine:
             if (self.prefixes is not None and req.fed % PREFIX_BLOCK == 0 and req.fed < len(req.prompt)
                     and req.prompt[:req.fed] not in self.prefixes):
                 self.prefixes.put(req.prompt[:req.fed], self.cache.snapshot(req.slot))
-            if i in logits:
-                self._emit(req, logits[i][None], greedy[i])
+            if i in heads:
+                self._emit(req, *heads[i])
         self.token_s = _recent(self.token_s, (time.perf_counter() - t0) / (rows * T))
 
     def _decode(self, decoding: list[Request]) -> None:
@@ -365,12 +364,23 @@ class Engine:
         device = self.model.device
         hidden = self._step_fn(self.pending[:rows, None].to(device), pos.to(device))
         rows_used = torch.tensor([r.slot for r in decoding], device=device)
-        logits = self.model.logits(hidden.index_select(0, rows_used)).float()
-        greedy = _greedy_tokens(decoding, logits)
-        for i, r in enumerate(decoding):
+        for r, (logits, token) in zip(decoding, self._head(decoding, hidden.index_select(0, rows_used)), strict=True):
             self.cache.lengths[r.slot] += 1
-            self._emit(r, logits[i:i + 1], greedy[i])
+            self._emit(r, logits, token)
         self.decode_s = _recent(self.decode_s, time.perf_counter() - t0)
+
+    def _head(self, reqs: Sequence[Request], hidden: Tensor) -> list[tuple[Tensor, int | None]]:
+        """Each request's logits (1, vocab) from its hidden row, and its greedy token (None if it samples).
+
+        The head runs on at most `HEAD_ROWS` rows at a time: a 16-row block of logits (16 MiB in float32)
+        is a block malloc keeps and hands back the next step (`machine.keep_freed_memory`), while one of 32
+        rows or more is mapped afresh every step and its pages faulted in one by one."""
+        out: list[tuple[Tensor, int | None]] = []
+        for lo in range(0, len(reqs), HEAD_ROWS):
+            logits = self.model.logits(hidden[lo:lo + HEAD_ROWS]).float()
+            group = reqs[lo:lo + HEAD_ROWS]
+            out += [(logits[i:i + 1], token) for i, token in enumerate(_greedy_tokens(group, logits))]
+        return out
 
     def _emit(self, req: Request, logits: Tensor, token: int | None = None) -> None:
         """Sample the request's next token (unless `token` is it already); hand it over, or finish the request."""

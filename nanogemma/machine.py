@@ -7,6 +7,7 @@ benchmark names it. torch-free, so the JAX side and the CI script can use it too
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from pathlib import Path
@@ -64,6 +65,38 @@ def describe_cpu(info: dict | None = None) -> str:
     if info.get("isa_limits"):
         line += " [limited by " + " ".join(f"{k}={v}" for k, v in info["isa_limits"].items()) + "]"
     return line
+
+
+# glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts: blocks up to 32 MiB come from the heap, kept for reuse
+TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top that may stay in the process before it is returned
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of giving them back to the
+    system; True if the setting is in force (Linux with glibc, and the user set no MALLOC_* tunable).
+
+    A decode step allocates the same large tensors every time: at 16 rows the logits alone are 16 MiB. By
+    default glibc tunes its thresholds as it goes, and a pattern of frees can leave it returning such blocks
+    to the system at every step, so the next step touches fresh pages: a page fault per 4 KiB, 8,000 a step,
+    which made a 16-row decode step 2.5-3x slower on a virtual machine (docs/BENCHMARKS.md). Fixed thresholds stop
+    that: blocks up to `MMAP_THRESHOLD` come from the heap, and up to `TRIM_THRESHOLD` of free memory stays
+    with it. Larger blocks are mapped and unmapped as before. Process-wide and idempotent; the loaders call
+    it (`weights.load`)."""
+    global _kept
+    if _kept is None:
+        _kept = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" \
+                and not any(k in os.environ for k in MALLOC_ENV):
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):
+                return False
+            _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _kept
 
 
 if __name__ == "__main__":  # python -m nanogemma.machine: the line, with torch's kernel family if installed

@@ -28,6 +28,7 @@ from .errors import NanogemmaError
 from .files import read_json
 from .flags import check_device
 from .gguf_files import load_gguf_cached, read_gguf_arrays, release_gguf
+from .machine import keep_freed_memory
 from .model import Gemma
 from .weight_files import (
     check_tensors,
@@ -184,6 +185,7 @@ def load(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.floa
     if dtype == torch.float16:
         raise NanogemmaError("float16 overflows in Gemma 3 (activations exceed 65,504): use float32 or bfloat16")
     check_device(str(device))
+    keep_freed_memory()  # decoding reuses large blocks step after step: keep them rather than fault them in anew
     try:
         cfg, state, path = load_state(name_or_path)
         model = build_model(cfg, state, dtype=dtype, device=device, source=str(path))
