@@ -46,7 +46,7 @@ def prompts(tok, n: int, length: int) -> list[list[int]]:
 def measure(args) -> dict:
     import torch
 
-    from nanogemma.engine import Engine, Request, _greedy_tokens
+    from nanogemma.engine import HEAD_ROWS, Engine, Request, _greedy_tokens
     from nanogemma.machine import keep_freed_memory
     from nanogemma.weights import load_for_inference
 
@@ -77,8 +77,8 @@ def measure(args) -> dict:
             t0 = time.perf_counter()
             hidden = engine._step_fn(engine.pending[:rows, None], pos)
             t1 = time.perf_counter()
-            logits = [model.logits(hidden[lo:lo + 16]).float() for lo in range(0, rows, 16)]
-            _greedy_tokens(decoding[:16], logits[0])
+            for lo in range(0, rows, HEAD_ROWS):  # as `Engine._head` does
+                _greedy_tokens(decoding[lo:lo + HEAD_ROWS], model.logits(hidden[lo:lo + HEAD_ROWS]).float())
             t2 = time.perf_counter()
             bodies.append(t1 - t0)
             heads.append(t2 - t1)
