@@ -128,15 +128,16 @@ def main() -> None:
           f"workload {args.workload} x {args.max_tokens} tokens, step tokens {args.step_tokens}")
     print("| round | malloc | step ms | body ms | head ms | faults/step | workload tok/s | TTFT p50 / p95 s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    argv = [a for a in sys.argv[1:]]
+    from nanogemma.machine import MALLOC_ENV
+
     for rnd in range(1, args.rounds + 1):
         for v in variants:
             env = dict(os.environ)
-            for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_"):
+            for k in MALLOC_ENV:
                 env.pop(k, None)
             if v == "default":
                 env["MALLOC_TOP_PAD_"] = DEFAULT_TOP_PAD
-            run = subprocess.run([sys.executable, __file__, *argv, "--json"], env=env, capture_output=True,
+            run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--json"], env=env, capture_output=True,
                                  text=True)
             if run.returncode != 0:
                 tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
