@@ -34,7 +34,8 @@ what eager CPU decoding wants.
 
 **Taking tokens back** (speculative decoding's rejected drafts, `KVCache.rollback`). A decode step on a
 sliding layer overwrites the oldest key of the ring; with `spare = n` the cache first copies that entry into
-a small undo log of n entries, so the last n decode steps can be undone exactly. The ring itself keeps W
+a small undo log of n entries, so the last n decode steps can be undone exactly (a chunk of at most n
+tokens logs its entries the same way: prompt-lookup decoding checks its drafts in one such chunk). The ring itself keeps W
 slots whatever `spare` is: with extra ring slots instead, the same keys would sit in other slots after the
 first wrap, attention would sum them in another order, and a speculative run would part from plain decoding
 in the last bits of float32 (and, through int8's rounding of activations, in whole tokens).
@@ -84,7 +85,7 @@ class _Cursor:
         # Eager decoding: every sliding layer (and every global one) holds the same positions, so one mask
         # per layer type serves the whole step. Cleared when the cursor advances.
         self.masks: dict[int | None, Tensor] = {}
-        self.undoable = 0  # trailing decode steps whose overwritten ring entries are in the undo logs
+        self.undoable = 0  # trailing columns whose overwritten ring entries are in the undo logs
 
 
 class LayerCache(nn.Module):
@@ -164,6 +165,11 @@ class LayerCache(nn.Module):
         mask = attention_mask(pos, torch.cat((ring_pos, pos), dim=1), self.window)
         keep = min(T, self.slots)
         slots = torch.arange(start + T - keep, start + T, device=k.device) % self.slots
+        if self.spare and T <= min(self.spare, self.slots):  # a short chunk can be taken back, as decode steps can
+            entries = torch.arange(start, start + T, device=k.device) % self.spare
+            self.old_k.index_copy_(2, entries, self.k.index_select(2, slots))
+            self.old_v.index_copy_(2, entries, self.v.index_select(2, slots))
+            self.old_pos.index_copy_(1, entries, self.pos.index_select(1, slots))
         self.k.index_copy_(2, slots, k[:, :, T - keep:])
         self.v.index_copy_(2, slots, v[:, :, T - keep:])
         self.pos.index_copy_(1, slots, pos[:, T - keep:])
@@ -210,20 +216,22 @@ class KVCache(nn.Module):
                                  f"{n} more do not fit; start a new session (or allow a longer context)")
 
     def advance(self, n: int) -> None:
-        # One column is a decode step (a one-token call takes `_decode`, which logs what it overwrites);
-        # a chunk logs nothing, so what came before it can no longer be taken back.
-        self.cursor.undoable = min(self.spare, self.cursor.undoable + 1) if n == 1 else 0
+        # A decode step logs what it overwrites, and so does a chunk of at most `spare` columns (and no
+        # more than a ring holds); a longer chunk logs nothing, so what came before it can no longer be
+        # taken back.
+        logged = n <= min([self.spare] + [layer.slots for layer in self.layers if layer.window is not None])
+        self.cursor.undoable = min(self.spare, self.cursor.undoable + n) if logged else 0
         self.cursor.length += n
         self.cursor.col.add_(n)
         self.cursor.masks.clear()
 
     @torch.inference_mode()
     def rollback(self, n: int) -> None:
-        """Forget the last `n` decode steps, as if they had never been fed (speculative decoding's rejected
+        """Forget the last `n` columns fed (decode steps, or short chunks), as if they had never been fed (speculative decoding's rejected
         drafts): the cache is then exactly what it was before them."""
         if n > self.cursor.undoable:
             raise NanogemmaError(f"cannot take back {n} columns: the cache keeps {self.spare} spare slots "
-                                 f"and the last {self.cursor.undoable} decode steps can be undone")
+                                 f"and the last {self.cursor.undoable} columns can be undone")
         if n == 0:
             return
         cols = torch.arange(self.length - n, self.length, device=self.cursor.col.device)

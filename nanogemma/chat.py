@@ -41,7 +41,7 @@ from .files import check_text
 from .generation import DEFAULT_PREFILL_CHUNK, Session
 from .model import Gemma
 from .sampling import Sampler
-from .speculative import DraftHead, Speculation, SpeculativeDecoder
+from .speculative import DraftHead, Speculation
 
 # Gemma's recommended sampling for chat; plain greedy decoding tends to loop in long replies.
 CHAT_DEFAULTS = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)
@@ -110,8 +110,8 @@ class Chat:
         context = min(context or DEFAULT_CONTEXT, model.config.max_seq_len)
         self.speculation = speculation
         self.session = Session(model, 1, context, compile, prefill_chunk,
-                               spare=speculation.draft_tokens if speculation else 0)
-        self.draft = DraftHead(model, speculation.common_ids) if speculation else None
+                               spare=speculation.spare if speculation else 0)
+        self.draft = DraftHead(model, speculation.common_ids) if speculation and not speculation.lookup else None
         self.stop_ids = stop_ids_for(tok)
         if tok.start_of_turn_id is not None:  # a reply never opens a turn: a model that does has gone on too long
             self.stop_ids.add(tok.start_of_turn_id)
@@ -187,9 +187,9 @@ class Chat:
     def _reply_tokens(self, ids: list[int], logits: Tensor, limit: int) -> Iterator[int]:
         """The reply's tokens; each one is fed to the cache when the next is asked for (the last never is)."""
         if self.speculation:
-            decoder = SpeculativeDecoder(self.session, self.draft, self.params, self.speculation.draft_tokens,
-                                         self.sampler)
-            yield from decoder.run(ids, logits, limit)
+            decoder = self.speculation.decoder(self.session, self.params, self.sampler, self.draft)
+            # drafts from the text look in the whole conversation; the head's need only the new tokens
+            yield from decoder.run(self.fed if self.speculation.lookup else ids, logits, limit)
             return
         for i in range(limit):
             token = self.sampler(logits)

@@ -32,7 +32,7 @@ from .decoding import SamplingParams, check_request, mark_stops, stop_ids_for, s
 from .errors import NanogemmaError
 from .model import Gemma
 from .sampling import Sampler
-from .speculative import DraftHead, Speculation, SpeculativeDecoder
+from .speculative import Speculation, SpeculativeDecoder
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -109,8 +109,21 @@ class Session:
         return hidden
 
     @torch.inference_mode()
+    def extend(self, tokens: Tensor) -> Tensor:
+        """Feed T tokens per row in one call, tokens (B, T) -> float logits (B, T, V), one row of logits after
+        each token. A call of at most `spare` tokens can be taken back (`rollback`), as T steps can."""
+        T = tokens.shape[1]
+        self.cache.check_room(T)
+        self.cache.cursor.masks.clear()
+        pos = self._pos + torch.arange(T, device=self._pos.device)
+        logits = self.model(tokens.view(self.batch, T), pos, self.cache)
+        self.cache.advance(T)
+        self._pos += T
+        return logits.float()
+
+    @torch.inference_mode()
     def rollback(self, n: int) -> None:
-        """Take back the last `n` tokens fed by `step` (the session needs `spare >= n`)."""
+        """Take back the last `n` tokens fed by `step` or a short `extend` (the session needs `spare >= n`)."""
         self.cache.rollback(n)
         self._pos -= n
 
@@ -132,12 +145,20 @@ class Session:
         return (lambda ids, pos: compiled(ids, pos).clone()) if cuda else compiled
 
 
+def _skip_guards_but_the_cache(entries: list) -> list[bool]:
+    """Skip the guards on the model's modules, but keep those on the KV cache: every session's decode step
+    is the same code, so a second session (another length, another batch) must not replay the first one's
+    graph over its own buffers."""
+    skip = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [keep or "cache" in entry.name for keep, entry in zip(skip, entries, strict=True)]
+
+
 def compile_options(how: bool | str, cuda: bool) -> dict:
     """torch.compile's arguments for the decode step: `how` is True (inductor) or a backend name."""
     # Guards re-check every parameter of the model before each step; a session keeps
     # its modules and tensors for life, so those checks can go. (`options` excludes `mode`, so CUDA graphs
     # are asked for by their inductor option rather than by mode="reduce-overhead".)
-    options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    options: dict = {"guard_filter_fn": _skip_guards_but_the_cache}
     if cuda and not isinstance(how, str):
         options["triton.cudagraphs"] = True
     backend = {"backend": how} if isinstance(how, str) else {}
@@ -175,7 +196,7 @@ class Decoder:
         B = len(self.prompts)
         spec = self.speculation
         session = Session(self.model, B, max(len(p) for p in self.prompts) + self.max_new, self.compile,
-                          self.prefill_chunk, spare=spec.draft_tokens if spec else 0)
+                          self.prefill_chunk, spare=spec.spare if spec else 0)
         if spec:
             yield from self._speculate(session, spec)
             return
@@ -194,8 +215,7 @@ class Decoder:
 
 
     def _speculate(self, session: Session, spec: Speculation) -> Iterator[list[int | None]]:
-        self.stats = SpeculativeDecoder(session, DraftHead(self.model, spec.common_ids), self.params,
-                                        spec.draft_tokens)
+        self.stats = spec.decoder(session, self.params)
         logits = session.prefill(self.prompts, self.pad_id)
         for token in self.stats.run(self.prompts[0], logits, self.max_new):
             if token in self.stop_ids:

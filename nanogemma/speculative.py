@@ -25,6 +25,17 @@ outside S joins it (a name in a story is missed once, then drafted). The idea of
 draft vocabulary is FR-Spec's (Zhao et al., 2025); here the draft is the model itself, so the only thing
 it approximates is the head.
 
+**Drafts from the text** (`Speculation(lookup=True)`, `--lookup`): prompt-lookup decoding (Saxena, 2023).
+Text often repeats itself — a name, a phrase of the prompt, a line of code, and a small model's own loops —
+so the tokens that followed the last earlier occurrence of the latest 3 (else 2) tokens are a free draft.
+`LookupDecoder` feeds the last token and up to k such drafts through the model in one call (`Session.extend`:
+at batch 1 the blocks' weights are read once for all k + 1 rows, not once per token), keeps the drafts while
+they equal the model's choice, and emits the model's own next token after them; where the text offers no
+draft it takes a plain step. Unlike the head drafts above, this saves the blocks' reads too, and it needs
+no draft head. The k + 1 rows' products are the same sums as one-row steps', rounded in another order (by
+more with `int8`, whose activations are rounded once per call), so the output can differ from plain
+decoding's where two tokens tie to within that rounding.
+
 The check takes S's columns from the drafts' own one-row products: the numbers plain decoding computes
 for those tokens, so a draft can only be overturned by a token outside S. The other columns come from the
 (k, vocab) product, which can differ from plain decoding's in the last bits of float32, and by more with the
@@ -54,15 +65,30 @@ class Speculation:
 
     common_ids: list[int]
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    lookup: bool = False  # drafts copied from the text (`LookupDecoder`) instead of the head over S
 
     @classmethod
     def for_tokenizer(cls, tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB,
-                      draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Speculation:
+                      draft_tokens: int = DEFAULT_DRAFT_TOKENS, lookup: bool = False) -> Speculation:
         if draft_tokens < 1:
             raise NanogemmaError(f"--draft-tokens must be >= 1, got {draft_tokens}")
         if draft_vocab < 1:
             raise NanogemmaError(f"--draft-vocab must be >= 1, got {draft_vocab}")
-        return cls(common_token_ids(tok, draft_vocab), draft_tokens)
+        return cls([] if lookup else common_token_ids(tok, draft_vocab), draft_tokens, lookup)
+
+    @property
+    def spare(self) -> int:
+        """The columns a session must be able to take back: the drafts, and with lookup the token before them
+        (which is fed in the same call)."""
+        return self.draft_tokens + 1 if self.lookup else self.draft_tokens
+
+    def decoder(self, session, params: SamplingParams, sampler: Sampler | None = None,
+                draft: DraftHead | None = None) -> SpeculativeDecoder:
+        """The decoding loop this speculation runs on `session` (`draft`: a head over S already built)."""
+        if self.lookup:
+            return LookupDecoder(session, params, self.draft_tokens, sampler)
+        return SpeculativeDecoder(session, draft or DraftHead(session.model, self.common_ids), params,
+                                  self.draft_tokens, sampler)
 
 
 def common_token_ids(tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB) -> list[int]:
@@ -223,3 +249,96 @@ def accept_or_resample(p: Tensor, q: Tensor, draft: int, generator: torch.Genera
     if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
         residual = p
     return int(torch.multinomial(residual, 1, generator=generator))
+
+
+LOOKUP_NGRAMS = (3, 2)  # the tail lengths looked up, longest first: one token alone matches too often by chance
+
+
+class TextIndex:
+    """Where each n-gram of a token sequence last occurred, so that the tokens after it can be proposed."""
+
+    def __init__(self, tokens: Sequence[int], ngrams: Sequence[int] = LOOKUP_NGRAMS):
+        self.tokens: list[int] = []
+        self.ngrams = tuple(ngrams)
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it, last time
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            i = len(self.tokens)
+            for n in self.ngrams:
+                if i >= n:
+                    self.after[tuple(self.tokens[i - n:i])] = i
+            self.tokens.append(int(t))
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens."""
+        if k < 1:
+            return []
+        for n in self.ngrams:
+            if len(self.tokens) > n:
+                start = self.after.get(tuple(self.tokens[-n:]))
+                if start is not None:
+                    return self.tokens[start:start + k]
+        return []
+
+
+class LookupDecoder(SpeculativeDecoder):
+    """Prompt-lookup decoding of one row (see the module docstring): drafts copied from the text, checked
+    k + 1 rows at a time by one call through the whole model."""
+
+    def __init__(self, session, params: SamplingParams, draft_tokens: int, sampler: Sampler | None = None):
+        super().__init__(session, None, params, draft_tokens, sampler)
+        if session.cache.spare < draft_tokens + 1:
+            raise NanogemmaError("prompt-lookup decoding needs a one-row session with spare >= draft tokens + 1")
+        self.passes = 0  # calls that checked drafts
+
+    @torch.inference_mode()
+    def run(self, prompt: Sequence[int], first_logits: Tensor, max_new: int) -> Iterator[int]:
+        """Tokens after `prompt` (the text to draft from: in a chat, the whole conversation so far), whose
+        next-token logits are `first_logits` (1, V); at most `max_new`."""
+        session, sampler, device = self.session, self.sampler, self.session.model.device
+        sampler.observe([list(prompt)])
+        text = TextIndex(prompt)
+        last = int(sampler(first_logits))
+        text.extend([last])
+        yield last
+        emitted = 1
+        while emitted < max_new:
+            drafts = text.propose(min(self.k, max_new - emitted - 1))  # the token after them counts too
+            if not drafts:  # nothing to copy: a plain step
+                last = int(sampler(session.step(torch.tensor([last], device=device))))
+                text.extend([last])
+                yield last
+                emitted += 1
+                continue
+            logits = session.extend(torch.tensor([[last] + drafts], device=device))[0]  # (1 + d, V)
+            out = []
+            for j in range(len(drafts) + 1):
+                target = self._prepare(logits[j:j + 1], sampler.seen)
+                if self.params.greedy:
+                    t = int(target.argmax(-1))
+                elif j < len(drafts):  # a draft that is certain (q = 1 on it): kept with probability p
+                    q = torch.zeros(target.shape[-1], device=target.device)
+                    q[drafts[j]] = 1.0
+                    t = accept_or_resample(target.softmax(-1)[0], q, drafts[j], sampler.generator)
+                else:
+                    t = int(torch.multinomial(target.softmax(-1)[0], 1, generator=sampler.generator))
+                out.append(t)
+                sampler.observe(torch.tensor([t], device=device))
+                if j == len(drafts) or t != drafts[j]:
+                    break
+            self.passes += 1
+            self.drafted += len(drafts)
+            self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
+            session.rollback(len(drafts) + 1 - len(out))  # fed: last + drafts; valid: last + out[:-1]
+            text.extend(out)
+            for j, t in enumerate(out):
+                try:
+                    yield t
+                except GeneratorExit:  # the caller stopped at out[j]: out[j:-1] were fed, take them back
+                    session.rollback(len(out) - 1 - j)
+                    raise
+            emitted += len(out)
+            last = out[-1]
+

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import cli
 
+from nanogemma.errors import NanogemmaError
 from nanogemma.tools.bench import parse_mode, table
 
 
@@ -28,9 +30,12 @@ def test_bad_mode_is_a_clean_error(tiny_hf):
 
 
 def test_modes_and_table_format():
-    assert parse_mode("bfloat16+compile") == ("bfloat16", None, True, False)
-    assert parse_mode("int8") == ("float32", "int8", False, False)
-    assert parse_mode("int8+spec+compile") == ("float32", "int8", True, True)
+    assert parse_mode("int8") == ("float32", "int8", False, None)
+    assert parse_mode("bfloat16+compile") == ("bfloat16", None, True, None)
+    assert parse_mode("int8+spec+compile") == ("float32", "int8", True, "spec")
+    assert parse_mode("int8+lookup") == ("float32", "int8", False, "lookup")
+    with pytest.raises(NanogemmaError, match="one of \\+spec"):
+        parse_mode("int8+spec+lookup")
     row = {"mode": "float32", "prefill_tok_s": 100.0, "decode_tok_s": 20.0, "ttft_s": 0.5, "ttft_cold_s": 2.0,
            "load_s": 1.0, "peak_mb": 900.0, "weight_gb_s": 10.0}
     text = table([row, {**row, "mode": "transformers", "decode_tok_s": 10.0}], peak_bw=20.0)

@@ -211,9 +211,47 @@ def test_rollback_forgets_the_last_columns(model):
         assert torch.equal(a.step(torch.tensor([t])), b.step(torch.tensor([t])))
     with pytest.raises(NanogemmaError, match="spare"):
         a.rollback(5)
-    a.prefill([prompt(3, seed=7)])  # a chunk logs nothing: what came before it stays
+    a.prefill([prompt(5, seed=7)])  # a chunk longer than spare logs nothing: what came before it stays
     with pytest.raises(NanogemmaError, match="spare"):
         a.rollback(1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_short_chunks_can_be_taken_back(model, static):
+    """A chunk of at most `spare` tokens (prompt lookup's check) logs what it overwrites, as decode steps
+    do: taking it back restores every ring entry bit for bit, across ring wraps (window 8), and taking back
+    part of it leaves the cache a session that was fed only the rest would have."""
+    a = Session(model, 1, 200, spare=5, compile="eager" if static else False)
+    a.prefill([prompt(11)])
+    for round_ in range(8):
+        before = [(layer.k.clone(), layer.v.clone(), layer.pos.clone()) for layer in a.cache.layers]
+        chunk = torch.tensor([prompt(5, seed=round_)])
+        a.extend(chunk)
+        a.rollback(5)
+        for layer, (k, v, pos) in zip(a.cache.layers, before, strict=True):
+            assert torch.equal(layer.pos, pos)
+            live = pos[0] >= 0
+            assert torch.equal(layer.k[:, :, live], k[:, :, live]) and torch.equal(layer.v[:, :, live], v[:, :, live])
+        a.extend(chunk)
+        a.rollback(5 - round_ % 4)  # keep 0-3 of the chunk's tokens
+    history = a.length
+    b = Session(model, 1, 200)
+    fed = prompt(11) + [t for r in range(8) for t in prompt(5, seed=r)[:r % 4]]
+    b.prefill([fed])
+    assert history == len(fed)
+    for t in prompt(12, seed=40):
+        torch.testing.assert_close(a.step(torch.tensor([t])), b.step(torch.tensor([t])), rtol=0, atol=1e-5)
+
+
+def test_compiled_sessions_of_other_lengths_in_one_process(model):
+    """Every session's compiled step is the same code: a second session's cache (another length) must get
+    its own graph, not replay the first one's over buffers of another shape."""
+    torch._dynamo.reset()
+    for n in (60, 40):
+        s, ref = Session(model, 1, n, compile="aot_eager"), Session(model, 1, n)
+        s.prefill([prompt(9)]), ref.prefill([prompt(9)])
+        for t in prompt(5, seed=n):
+            torch.testing.assert_close(s.step(torch.tensor([t])), ref.step(torch.tensor([t])), rtol=1e-5, atol=1e-5)
 
 
 def test_rollback_with_more_spare_than_window():

@@ -101,7 +101,7 @@ def test_end_of_input_exits_and_errors_are_reported(model, tok):
         chat.send("   ")
 
 
-@pytest.mark.parametrize("extra", [(), ("--speculate", "--draft-tokens", "3")])
+@pytest.mark.parametrize("extra", [(), ("--speculate", "--draft-tokens", "3"), ("--lookup",)])
 def test_cli_chat_session(tiny_hf, extra):
     proc = cli("chat", "--model", str(tiny_hf), "--max-new-tokens", "4", "--system", "Be kind.", *extra,
                stdin="Hello\n/reset\nHi\n/exit\n")
@@ -119,14 +119,17 @@ def test_base_model_chats(model_and_tok):
     assert chat.session.length == len(chat.fed)
 
 
+@pytest.mark.parametrize("lookup", [False, True])
 @pytest.mark.parametrize("stop_early", [False, True])
-def test_speculative_chat_equals_plain_chat(model, tok, stop_early):
-    """`chat --speculate`: the same greedy replies, and the same cache, also when a reply stops mid-round."""
+def test_speculative_chat_equals_plain_chat(model, tok, stop_early, lookup):
+    """`chat --speculate` / `--lookup`: the same greedy replies, and the same cache, also when a reply stops
+    mid-round (lookup drafts from the whole conversation; its k + 1-row checks round like the head's)."""
     from nanogemma.speculative import Speculation
 
     plain = Chat(model, tok, params=GREEDY, max_new_tokens=20)
-    fast = Chat(model, tok, params=GREEDY, max_new_tokens=20,
-                speculation=Speculation(list(range(5000)) + [tok.end_of_turn_id], draft_tokens=4))
+    speculation = (Speculation([], draft_tokens=4, lookup=True) if lookup else
+                   Speculation(list(range(5000)) + [tok.end_of_turn_id], draft_tokens=4))
+    fast = Chat(model, tok, params=GREEDY, max_new_tokens=20, speculation=speculation)
     messages = ("Hello", "Tell me more", "Thanks")
     if stop_early:  # a token the first reply holds at its 6th place ends every reply there or earlier
         probe = Chat(model, tok, params=GREEDY, max_new_tokens=20)

@@ -187,7 +187,7 @@ def cases(bad: dict[str, Path], run: Path, data: Path, out: Path) -> list[list[s
         ["eval", "--model", str(run), "--text", str(bad["empty-dir"])],
         ["eval", "--model", str(run), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
          "--prompts", str(bad["latin1"])],
-        [*gen, "a", "b", "--speculate"],
+        [*gen, "a", "b", "--speculate"], [*gen, "a", "b", "--lookup"],
         ["train", "--config", str(bad["toml-bytes"]), "--data", str(data)],
         ["train", "--config", str(bad["toml-syntax"]), "--data", str(data)],
         ["train", "--config", str(bad["empty-dir"]), "--data", str(data)],

@@ -191,8 +191,17 @@ def test_cli_speculate_gives_the_same_text(tiny_hf):
     assert fast.stdout == plain.stdout and len(plain.stdout.strip()) > 0
 
 
+def test_cli_lookup_gives_the_same_text(tiny_hf):
+    plain = cli("generate", "Hello Hello Hello Hello", "--model", str(tiny_hf), "--max-new-tokens", "12")
+    fast = cli("generate", "Hello Hello Hello Hello", "--model", str(tiny_hf), "--max-new-tokens", "12",
+               "--lookup", "--draft-tokens", "3")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and len(plain.stdout.strip()) > 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (("--draft-tokens", "0", "--speculate"), "--draft-tokens"),
+    (("--speculate", "--lookup"), "choose one"),
     (("--min-p", "2"), "--min-p"),
     (("--repetition-penalty", "0"), "--repetition-penalty"),
     (("--batch-size", "0"), "--batch-size"),
@@ -201,7 +210,8 @@ def test_cli_speculate_gives_the_same_text(tiny_hf):
 def test_cli_bad_flags(args, needle, tiny_hf):
     proc = cli("generate", *(args if "--prompts-file" in args else ("hi", *args)), "--model", str(tiny_hf))
     # A value the parser refuses is a usage error (exit 2); one refused after parsing exits 1. One line either way.
-    assert proc.returncode == (1 if "--prompts-file" in args else 2) and "Traceback" not in proc.stderr
+    refused_after_parsing = "--prompts-file" in args or "--lookup" in args
+    assert proc.returncode == (1 if refused_after_parsing else 2) and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("nanogemma: error:") and needle in proc.stderr and proc.stderr.count("\n") == 1
 
 

@@ -191,3 +191,101 @@ def test_stopping_mid_round_leaves_the_cache_as_plain_decoding_would(model, stop
     ref.prefill([ids + got[:-1]])
     last = torch.tensor([got[-1]])
     torch.testing.assert_close(session.step(last), ref.step(last), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- prompt lookup
+def looping_prompt(n: int, period: int = 5) -> list[int]:
+    """A prompt that repeats itself, so the text offers drafts from the first decoding step on."""
+    return (prompt(period) * (n // period + 1))[:n]
+
+
+def test_text_index_proposes_what_followed_the_latest_occurrence():
+    from nanogemma.speculative import TextIndex
+
+    text = TextIndex([1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3])
+    assert text.propose(3) == [5, 6, 2]  # the latest earlier "2 3" (the 3-gram "6 2 3" never occurred)
+    assert text.propose(0) == []
+    text.extend([7])
+    assert text.propose(2) == []  # "3 7" and "2 3 7" never occurred
+    text.extend([1, 2, 3])
+    assert text.propose(4) == [4, 9, 2, 3]  # "1 2 3" did: the 3-gram wins over the later "2 3"
+    assert TextIndex([5]).propose(2) == []
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("n", [4, 23])  # prompts below and above the window of 8
+def test_lookup_greedy_tokens_equal_plain_decoding(model, k, n):
+    """Drafts checked k + 1 rows at a time, rejected ones rolled back across ring wraps: plain greedy's
+    tokens, up to a float32 tie (the k + 1-row products round in another order than one-row steps)."""
+    ids = looping_prompt(n) if n > 4 else prompt(n)
+    plain, _ = decode(model, ids, 120)
+    fast, stats = decode(model, ids, 120, Speculation([], k, lookup=True))
+    assert_same_greedy(model, ids, fast, plain, what=f"lookup k={k}")
+    assert stats.passes > 0 and 0 < stats.accepted < stats.drafted  # drafts were kept and rejected
+
+
+def test_lookup_with_penalty_stops_and_compiled_steps(model):
+    ids = looping_prompt(17)
+    params = SamplingParams(repetition_penalty=1.3)
+    plain, _ = decode(model, ids, 60, params=params)
+    fast, _ = decode(model, ids, 60, Speculation([], 4, lookup=True), params=params)
+    assert_same_greedy(model, ids, fast, plain, what="penalty")
+    stop = plain[30]
+    d = Decoder(model, [ids], 60, params, speculation=Speculation([], 4, lookup=True), stop_ids={stop})
+    assert [row[0] for row in d] == plain[:plain.index(stop)]
+    torch._dynamo.reset()
+    compiled, _ = decode(model, ids, 40, Speculation([], 4, lookup=True), params, compile="eager")
+    assert_same_greedy(model, ids, compiled, plain[:40], what="compiled")
+
+
+def test_lookup_sampling_matches_plain_sampling_in_distribution(model):
+    """Tokens 1 and 2 of a looping prompt, where the text drafts from the first step: a draft kept with
+    probability p, else a draw from p without it, is a draw from p (400 seeds)."""
+    ids = looping_prompt(12, period=4)
+    params = lambda seed: SamplingParams(temperature=1.0, top_k=4, seed=seed)  # noqa: E731
+    spec = Speculation([], 3, lookup=True)
+    for position in (1, 2):
+        plain_counts, fast_counts = {}, {}
+        for seed in range(400):
+            a, _ = decode(model, ids, 3, params=params(seed))
+            b, _ = decode(model, ids, 3, spec, params(seed))
+            plain_counts[a[position]] = plain_counts.get(a[position], 0) + 1
+            fast_counts[b[position]] = fast_counts.get(b[position], 0) + 1
+        tokens = set(plain_counts) | set(fast_counts)
+        tv = 0.5 * sum(abs(plain_counts.get(t, 0) - fast_counts.get(t, 0)) for t in tokens) / 400
+        assert tv < 0.15, (position, plain_counts, fast_counts)
+
+
+@pytest.mark.parametrize("stop_at", [9, 12, 15, 20])  # after the first passes: some stop mid-pass
+def test_lookup_stopping_mid_pass_leaves_the_cache_as_plain_decoding_would(model, stop_at):
+    from nanogemma.generation import Session
+    from nanogemma.speculative import LookupDecoder
+
+    ids = looping_prompt(15)
+    session = Session(model, 1, 200, spare=5)
+    decoder = LookupDecoder(session, SamplingParams(), 4)
+    run = decoder.run(ids, session.prefill([ids]), 100)
+    got = [next(run) for _ in range(stop_at + 1)]
+    run.close()
+    assert decoder.passes > 0
+    assert session.length == len(ids) + stop_at
+    ref = Session(model, 1, 200)
+    ref.prefill([ids + got[:-1]])
+    last = torch.tensor([got[-1]])
+    torch.testing.assert_close(session.step(last), ref.step(last), rtol=0, atol=1e-5)
+    with pytest.raises(NanogemmaError, match="spare >= draft tokens \\+ 1"):
+        LookupDecoder(Session(model, 1, 50, spare=4), SamplingParams(), 4)
+
+
+@pytest.mark.slow
+def test_real_model_lookup_equals_plain(model_and_tok):
+    """The 270M model, float32: 96 greedy tokens with prompt lookup equal plain decoding's (up to a tie),
+    on a prompt the model continues by repeating itself, and most drafts land."""
+    model, tok = model_and_tok
+    ids = tok.encode("Monday: rain. Tuesday: rain. Wednesday: rain. Thursday: rain. Friday:")
+    plain = [row[0] for row in Decoder(model, [ids], 96, stop_ids=set())]
+    d = Decoder(model, [ids], 96, speculation=Speculation.for_tokenizer(tok, lookup=True), stop_ids=set())
+    fast = [row[0] for row in d]
+    assert_same_greedy(model, ids, fast, plain, what="lookup")
+    print(f"\n[lookup] {d.stats.accepted}/{d.stats.drafted} drafts accepted in {d.stats.passes} passes")
+    assert d.stats.accepted > 0.5 * d.stats.drafted

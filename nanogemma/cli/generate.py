@@ -31,8 +31,12 @@ def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="self-speculative decoding (one prompt at a time): draft tokens with a head over common "
                         "tokens, check several at once with the full head; greedy output is unchanged, "
                         "sampling keeps its distribution (see nanogemma/speculative.py)")
+    p.add_argument("--lookup", action="store_true",
+                   help="prompt-lookup decoding (one prompt at a time): draft the tokens that followed the last "
+                        "earlier occurrence of the latest few tokens, check them in one pass through the model; "
+                        "fastest on text that repeats or quotes its prompt (see nanogemma/speculative.py)")
     p.add_argument("--draft-tokens", type=POSITIVE, default=DEFAULT_DRAFT_TOKENS,
-                   help=f"drafts per check with --speculate (default {DEFAULT_DRAFT_TOKENS})")
+                   help=f"drafts per check with --speculate or --lookup (default {DEFAULT_DRAFT_TOKENS})")
     p.add_argument("--draft-vocab", type=POSITIVE, default=DEFAULT_DRAFT_VOCAB,
                    help="with --speculate, the draft head starts with the first N ids of the vocabulary, plus "
                         f"single characters and the prompt's tokens (default {DEFAULT_DRAFT_VOCAB})")
@@ -72,7 +76,11 @@ def _load_for_inference(args: argparse.Namespace):
 def _speculation(args: argparse.Namespace, tok):
     from ..speculative import Speculation
 
-    return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens) if args.speculate else None
+    if args.speculate and args.lookup:
+        raise NanogemmaError("--speculate and --lookup are two ways to draft tokens: choose one")
+    if not (args.speculate or args.lookup):
+        return None
+    return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens, lookup=args.lookup)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -145,13 +153,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     jax = getattr(args, "backend", "torch") == "jax"
     if jax:  # flags that mean something only to PyTorch are refused, not silently ignored
-        for flag in ("quantize", "speculate", "adapter"):
+        for flag in ("quantize", "speculate", "lookup", "adapter"):
             if getattr(args, flag, None):
                 raise NanogemmaError(f"--{flag} is a PyTorch feature; drop it or use --backend torch")
     prompts, params, stop = _read_prompts(args), _sampling(args), [unescape(s, "--stop") for s in args.stop]
-    if args.speculate and len(prompts) > 1:
-        raise NanogemmaError(f"--speculate decodes one prompt at a time, and {len(prompts)} were given; "
-                             "give one prompt, or drop --speculate to generate them as a batch")
+    drafting = "--speculate" if args.speculate else "--lookup" if args.lookup else None
+    if drafting and len(prompts) > 1:
+        raise NanogemmaError(f"{drafting} decodes one prompt at a time, and {len(prompts)} were given; "
+                             f"give one prompt, or drop {drafting} to generate them as a batch")
     if args.batch_size < 1:
         raise NanogemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
     if jax:
@@ -250,7 +259,7 @@ def _run_chat(args: argparse.Namespace) -> int:
                 + (f", top-k {params.top_k}" if params.top_k else "") + (f", top-p {params.top_p:g}" if params.top_p
                                                                          else ""))
     print(f"nanogemma chat: {args.model or path.name} ({args.dtype}, {args.device}, {mode}"
-          f"{', speculative' if args.speculate else ''}; {sampling}): "
+          f"{', speculative' if args.speculate else ', prompt lookup' if args.lookup else ''}; {sampling}): "
           f"{'instruction-tuned' if tuned else 'a base model'} ({why})", file=sys.stderr, flush=True)
     if not tuned:
         print(f"  a base model continues text and was never taught to answer, so replies may ramble or repeat; "
@@ -276,7 +285,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=None,
                    help="comma-separated: float32 (prepacked weights), float32-unpacked (plain PyTorch "
                         "weights), bfloat16, int8, int8-wo, each optionally with +compile (torch.compile) and/or "
-                        "+spec (self-speculative decoding), e.g. int8+compile+spec (default "
+                        "+spec (self-speculative decoding) or +lookup (prompt lookup), e.g. int8+compile+spec "
+                        "(default "
                         "float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain and +compile)")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--new-tokens", type=POSITIVE, default=256, help="tokens to decode (default 256)")

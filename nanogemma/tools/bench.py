@@ -38,15 +38,17 @@ PROMPT_TEXT = (
 )
 
 
-def parse_mode(mode: str) -> tuple[str, str | None, bool, bool]:
-    """'int8+compile+spec' -> (dtype name, quantization or None, compile?, speculative?)."""
+def parse_mode(mode: str) -> tuple[str, str | None, bool, str | None]:
+    """'int8+compile+spec' -> (dtype name, quantization or None, compile?, speculation: "spec", "lookup" or None)."""
     base, *extras = mode.split("+")
-    if base not in MODES or not set(extras) <= {"compile", "spec"} or len(set(extras)) != len(extras):
+    speculation = [e for e in extras if e in ("spec", "lookup")]
+    if (base not in MODES or not set(extras) <= {"compile", "spec", "lookup"} or len(set(extras)) != len(extras)
+            or len(speculation) > 1):
         raise NanogemmaError(f"unknown bench mode '{mode}'; use {', '.join(MODES)}, each optionally "
-                             "+compile and/or +spec (self-speculative decoding)")
+                             "+compile and one of +spec (self-speculative decoding) or +lookup (prompt lookup)")
     dtype = "bfloat16" if base == "bfloat16" else "float32"
     weights = base if base.startswith("int8") or base == "float32-unpacked" else None
-    return dtype, weights, "compile" in extras, "spec" in extras
+    return dtype, weights, "compile" in extras, speculation[0] if speculation else None
 
 
 def prompt_ids(tok, n: int) -> list[int]:
@@ -137,7 +139,8 @@ def worker_nanogemma(spec: dict) -> dict:
     t = time.perf_counter()
     decoder = Decoder(model, [ids], n_new, stop_ids=set(), compile=compiled,
                       speculation=Speculation.for_tokenizer(tok, spec.get("draft_vocab", DEFAULT_DRAFT_VOCAB),
-                                                            spec.get("draft_tokens", DEFAULT_DRAFT_TOKENS))
+                                                            spec.get("draft_tokens", DEFAULT_DRAFT_TOKENS),
+                                                            lookup=speculative == "lookup")
                       if speculative else None)
     for row in decoder:
         stamps.append(time.perf_counter())  # each stamp follows one sampled token
@@ -279,15 +282,16 @@ def machine() -> str:
 
 
 def _agreement(rows: list[dict]) -> str:
-    """For a +spec mode: how many of its tokens equal those of the same mode without speculation."""
+    """For a +spec or +lookup mode: how many of its tokens equal those of the same mode without speculation."""
     new = rows[-1]
-    if "+spec" not in new["mode"]:
+    kind = next((k for k in ("+spec", "+lookup") if k in new["mode"]), None)
+    if kind is None:
         return ""
     if new.get("draft_accepted") is not None:
         note = f", {new['draft_accepted']:.0%} of drafts accepted"
     else:
         note = ""
-    plain = new["mode"].replace("+spec", "")
+    plain = new["mode"].replace(kind, "")
     ref = next((r for r in rows if r["mode"] == plain), None)
     if ref is None:
         return note
