@@ -24,8 +24,12 @@ LLAMA_WORKER = """
 import json, sys, time
 from llama_cpp import Llama
 spec = json.loads(sys.argv[1])
+draft = None
+if spec.get("lookup_tokens"):  # llama.cpp's own prompt lookup, the peer of nanogemma's +lookup
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    draft = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=spec["lookup_tokens"])
 llm = Llama(model_path=spec["model"], n_ctx=len(spec["ids"]) + spec["new_tokens"] + 8,
-            n_threads=spec["threads"], n_batch=512, verbose=False)
+            n_threads=spec["threads"], n_batch=512, verbose=False, draft_model=draft)
 prefill = []
 for _ in range(3):  # the prompt alone, best of three, as nanogemma's worker times its prefill
     llm.reset()
@@ -87,6 +91,7 @@ def perplexities(model_path: str, ids: list[int], modes: list[str], llama_python
 def main() -> None:
     import torch
 
+    from nanogemma.decoding import DEFAULT_DRAFT_TOKENS
     from nanogemma.tokenizer import load_tokenizer
     from nanogemma.tools.bench import machine, prompt_ids, spawn, steady_step
     from nanogemma.weight_files import resolve_model
@@ -103,7 +108,10 @@ def main() -> None:
                     help="held-out text for the perplexity column ('' to skip)")
     ap.add_argument("--quality-tokens", type=int, default=1024)
     ap.add_argument("--draft-vocab", type=int, default=None, help="+spec modes: the draft head's first ids")
-    ap.add_argument("--draft-tokens", type=int, default=None, help="+spec modes: drafts per check")
+    ap.add_argument("--draft-tokens", type=int, default=None, help="+spec and +lookup modes: drafts per check")
+    ap.add_argument("--llama-lookup", action="store_true",
+                    help="also run llama.cpp with its own prompt lookup (llama-cpp-python's "
+                         "LlamaPromptLookupDecoding, 3-grams, as many drafts as ours): the peer of +lookup")
     args = ap.parse_args()
 
     kind, path = resolve_model(args.model)
@@ -119,12 +127,18 @@ def main() -> None:
     agree: dict[str, int] = {}
     for r in range(args.rounds):
         llama_tokens = None
-        for mode in [*args.modes.split(","), "llama.cpp"]:
-            if mode == "llama.cpp":
-                done = subprocess.run([args.llama_python, "-c", LLAMA_WORKER, json.dumps(spec)],
+        llamas = ["llama.cpp", "llama.cpp+lookup"] if args.llama_lookup else ["llama.cpp"]
+        for mode in [*args.modes.split(","), *llamas]:
+            if mode.startswith("llama.cpp"):
+                lookup = {"lookup_tokens": args.draft_tokens or DEFAULT_DRAFT_TOKENS} if "+lookup" in mode else {}
+                done = subprocess.run([args.llama_python, "-c", LLAMA_WORKER, json.dumps({**spec, **lookup})],
                                       capture_output=True, text=True, check=True)
                 out = json.loads(done.stdout.strip().splitlines()[-1])
-                tok_s, llama_tokens = 1 / steady_step(out["stamps"]), out["tokens"]
+                tok_s = 1 / steady_step(out["stamps"])
+                if mode == "llama.cpp":
+                    llama_tokens = out["tokens"]
+                else:
+                    agree[mode] = out["tokens"]
                 prefill.setdefault(mode, []).append(out["prefill_tok_s"])
             else:
                 res = spawn("nanogemma", {**spec, "mode": mode})
@@ -158,7 +172,7 @@ def main() -> None:
             vs32 = f"{sum(a == b for a, b in zip(tokens, float32, strict=False))}/{len(float32)} " \
                    f"({'none' if first is None else first})"
         base = mode.split("+")[0]
-        quality = f"{ppl[base]:.3f}" if base in ppl else ""
+        quality = f"{ppl[base]:.3f}" if base in ppl else ""  # llama.cpp+lookup: the same weights as llama.cpp
         print(f"| {mode} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} | "
               f"{statistics.median(values) / ref:.2f}x | {statistics.median(prefill[mode]):.0f} "
               f"({statistics.median(prefill[mode]) / ref_prefill:.2f}x) | {same} | {vs32} | {quality} |")
