@@ -197,6 +197,8 @@ class KVCache(nn.Module):
             for t in cfg.layer_types
         )
         self.spare = spare
+        # the longest chunk that logs what it overwrites (`LayerCache._chunk`), so that `rollback` can undo it
+        self._logged_chunk = min([spare] + [layer.slots for layer in self.layers if layer.window is not None])
 
     @property
     def length(self) -> int:
@@ -219,8 +221,7 @@ class KVCache(nn.Module):
         # A decode step logs what it overwrites, and so does a chunk of at most `spare` columns (and no
         # more than a ring holds); a longer chunk logs nothing, so what came before it can no longer be
         # taken back.
-        logged = n <= min([self.spare] + [layer.slots for layer in self.layers if layer.window is not None])
-        self.cursor.undoable = min(self.spare, self.cursor.undoable + n) if logged else 0
+        self.cursor.undoable = min(self.spare, self.cursor.undoable + n) if n <= self._logged_chunk else 0
         self.cursor.length += n
         self.cursor.col.add_(n)
         self.cursor.masks.clear()

@@ -1,4 +1,5 @@
-"""Self-speculative decoding: draft with a head over common tokens, check with the full head.
+"""Speculative decoding with no draft model: draft with a head over common tokens (checked with the full
+head), or copy drafts from the text (checked by one call through the whole model).
 
 At batch 1 a decode step costs what its weights cost to read. In the 270M model the output head — the
 262,144 x 640 embedding table — is 168M of the 268M parameters, so most of every step goes to scoring
@@ -61,7 +62,8 @@ from .sampling import Sampler, apply_repetition_penalty, filter_logits
 
 @dataclass
 class Speculation:
-    """How to speculate: S at the start (`common_token_ids`) and k, the drafts per pass over the full head."""
+    """How to speculate: S at the start (`common_token_ids`) and k, the drafts per pass over the full head;
+    or, with `lookup`, k drafts copied from the text per pass through the whole model (S is then unused)."""
 
     common_ids: list[int]
     draft_tokens: int = DEFAULT_DRAFT_TOKENS

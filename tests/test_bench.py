@@ -14,13 +14,13 @@ from nanogemma.tools.bench import parse_mode, table
 def test_bench_prints_the_table_with_ratios(tiny_hf, tmp_path):
     out = tmp_path / "bench.json"
     proc = cli("bench", "--model", str(tiny_hf), "--prompt-tokens", "12", "--new-tokens", "4",
-               "--modes", "float32,int8", "--compare", "transformers", "--json", str(out))
+               "--modes", "float32,int8,float32+lookup", "--compare", "transformers", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     for needle in ("| mode | prefill tok/s | decode tok/s | TTFT s", "| float32 |", "| int8 |", "| transformers |",
-                   "decode vs transformers", "fastest mode:"):
+                   "| float32+lookup |", "tokens equal float32's", "decode vs transformers", "fastest mode:"):
         assert needle in proc.stdout, needle
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["float32", "int8", "transformers"]
+    assert [r["mode"] for r in rows] == ["float32", "int8", "float32+lookup", "transformers"]
     assert all(r["tokens"] == 4 and r["decode_tok_s"] > 0 and r["peak_mb"] > 0 for r in rows)
 
 
