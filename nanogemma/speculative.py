@@ -174,6 +174,16 @@ class SpeculativeDecoder:
             logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         return logits if p.greedy else filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
 
+    def _emit(self, out: list[int]) -> Iterator[int]:
+        """Yield a pass's tokens, all but the last of which are in the cache; a caller that stops reading at
+        out[j] gets out[j:-1] taken back out of the cache, so that it holds the tokens before out[j] only."""
+        for j, t in enumerate(out):
+            try:
+                yield t
+            except GeneratorExit:
+                self.session.rollback(len(out) - 1 - j)
+                raise
+
     def _pick(self, logits: Tensor) -> tuple[int, Tensor | None]:
         """-> (token index into `logits`' columns, its distribution or None when greedy)."""
         if self.params.greedy:
@@ -229,12 +239,7 @@ class SpeculativeDecoder:
             self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
             self.session.rollback(k - len(out))  # fed: last + drafts[:-1]; valid: last + out[:-1]
             self.draft.add(out)
-            for j, t in enumerate(out):
-                try:
-                    yield t
-                except GeneratorExit:  # the caller stopped at out[j]: out[j:-1] were fed, take them back
-                    self.session.rollback(len(out) - 1 - j)
-                    raise
+            yield from self._emit(out)
             emitted += len(out)
             last = out[-1]
 
@@ -335,12 +340,7 @@ class LookupDecoder(SpeculativeDecoder):
             self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
             session.rollback(len(drafts) + 1 - len(out))  # fed: last + drafts; valid: last + out[:-1]
             text.extend(out)
-            for j, t in enumerate(out):
-                try:
-                    yield t
-                except GeneratorExit:  # the caller stopped at out[j]: out[j:-1] were fed, take them back
-                    session.rollback(len(out) - 1 - j)
-                    raise
+            yield from self._emit(out)
             emitted += len(out)
             last = out[-1]
 
