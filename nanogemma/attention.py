@@ -147,6 +147,22 @@ def _attend_in_two(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, 
     return out
 
 
+@torch.compiler.assume_constant_result  # read when a step is traced: dynamo cannot trace the call itself
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def decode_parts(heads: int, group: int, threads: int | None = None) -> int:
+    """Into how many groups a decode step splits each key/value head's `group` query rows: the fewest (a
+    power of two dividing `group`) that give the kernel's `heads` x parts work items at least one per
+    thread. Each part reads the cache again, so no more than the threads can use."""
+    threads = threads or _threads()
+    parts = 1
+    while heads * parts < threads and group % (2 * parts) == 0:
+        parts *= 2
+    return parts
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale: float,
            window: int | None) -> Tensor:
     """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
@@ -160,8 +176,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale:
         if gqa and Tq == 1 and (mask is None or mask.shape[1] == 1):
             # A decode step: the G query heads that share a key/value head go in as G query rows of that
             # head, which the kernel then reads once, not once per query head (the same mask row for all).
+            # The kernel gives each (row, head) to one thread, so with fewer of them than threads the rows
+            # are split into `parts` groups, each a head of G / parts rows (enable_gqa maps group j to
+            # key/value head j // parts): every thread works, each reading the cache once.
             Hkv = k.shape[1]
-            out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=scale)
+            parts = decode_parts(B * Hkv, H // Hkv)
+            out = F.scaled_dot_product_attention(q.reshape(B, Hkv * parts, H // Hkv // parts, D), k, v,
+                                                 attn_mask=mask, scale=scale, enable_gqa=parts > 1)
             return out.view(B, H, 1, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if gqa:

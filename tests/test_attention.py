@@ -110,14 +110,36 @@ def test_layout_keeps_memory_linear():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (8, 2), (4, 4)])
-def test_a_decode_step_folds_each_query_group_onto_its_key_value_head(heads, kv_heads):
+@pytest.mark.parametrize("B,threads", [(3, 2), (1, 4)])
+def test_a_decode_step_folds_each_query_group_onto_its_key_value_head(heads, kv_heads, B, threads):
     """One query per row (a decode step) against a cache with a per-row mask: `attend` hands the query heads
-    that share a key/value head to the kernel as rows of that head. The result must be every query head's
-    own attention over its group's key/value head: checked against float64, with rows whose masks differ."""
-    from nanogemma.attention import attend
+    that share a key/value head to the kernel as rows of that head (split into groups when there are fewer
+    work items than threads: a lone row on 4 threads). The result must be every query head's own attention
+    over its group's key/value head: checked against float64, with rows whose masks differ."""
 
     g = torch.Generator().manual_seed(0)
-    B, T, D = 3, 37, 16
+    T, D = 37, 16
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_decode_fold(heads, kv_heads, B, T, D, g)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_parts_gives_every_thread_a_work_item_and_no_more():
+    from nanogemma.attention import decode_parts
+
+    assert decode_parts(1, 4, threads=2) == 2  # the 270M model's lone row: two groups of two query rows
+    assert decode_parts(1, 4, threads=1) == 1
+    assert decode_parts(1, 4, threads=16) == 4  # no more parts than query rows
+    assert decode_parts(2, 4, threads=2) == 1  # a batch of two already gives each thread a row
+    assert decode_parts(1, 3, threads=2) == 1  # a group that does not split evenly stays whole
+
+
+def _check_decode_fold(heads: int, kv_heads: int, B: int, T: int, D: int, g: torch.Generator) -> None:
+    from nanogemma.attention import attend
+
     q = torch.randn(B, heads, 1, D, generator=g)
     k, v = torch.randn(B, kv_heads, T, D, generator=g), torch.randn(B, kv_heads, T, D, generator=g)
     mask = torch.rand(B, 1, 1, T, generator=g) < 0.7
