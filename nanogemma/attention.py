@@ -180,7 +180,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Layout | None, scale:
             # are split into `parts` groups, each a head of G / parts rows (enable_gqa maps group j to
             # key/value head j // parts): every thread works, each reading the cache once.
             Hkv = k.shape[1]
-            parts = decode_parts(B * Hkv, H // Hkv)
+            parts = decode_parts(B * Hkv, H // Hkv) if q.device.type == "cpu" else 1  # CPU threads only
             out = F.scaled_dot_product_attention(q.reshape(B, Hkv * parts, H // Hkv // parts, D), k, v,
                                                  attn_mask=mask, scale=scale, enable_gqa=parts > 1)
             return out.view(B, H, 1, D)
