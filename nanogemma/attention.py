@@ -147,9 +147,14 @@ def _attend_in_two(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, 
     return out
 
 
-@torch.compiler.assume_constant_result  # read when a step is traced: dynamo cannot trace the call itself
 def _threads() -> int:
     return torch.get_num_threads()
+
+
+# Read once when a step is traced (dynamo cannot trace the call itself). This is what
+# `torch.compiler.assume_constant_result` does, set by hand: importing the decorator imports torch._dynamo,
+# a second of every start-up.
+_threads._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def decode_parts(heads: int, group: int, threads: int | None = None) -> int:
