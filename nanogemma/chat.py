@@ -111,7 +111,7 @@ class Chat:
         self.speculation = speculation
         self.session = Session(model, 1, context, compile, prefill_chunk,
                                spare=speculation.spare if speculation else 0)
-        self.draft = DraftHead(model, speculation.common_ids) if speculation and not speculation.lookup else None
+        self.draft = DraftHead(model, speculation.common_ids) if speculation and speculation.common_ids else None
         self.stop_ids = stop_ids_for(tok)
         if tok.start_of_turn_id is not None:  # a reply never opens a turn: a model that does has gone on too long
             self.stop_ids.add(tok.start_of_turn_id)

@@ -63,20 +63,24 @@ from .sampling import Sampler, apply_repetition_penalty, filter_logits
 @dataclass
 class Speculation:
     """How to speculate: S at the start (`common_token_ids`) and k, the drafts per pass over the full head;
-    or, with `lookup`, k drafts copied from the text per pass through the whole model (S is then unused)."""
+    or, with `lookup`, k drafts copied from the text per pass through the whole model, and where the text
+    has none, the head's drafts over S (none if S is empty: a plain step)."""
 
     common_ids: list[int]
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
     lookup: bool = False  # drafts copied from the text (`LookupDecoder`) instead of the head over S
 
     @classmethod
-    def for_tokenizer(cls, tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB,
-                      draft_tokens: int = DEFAULT_DRAFT_TOKENS, lookup: bool = False) -> Speculation:
+    def for_tokenizer(cls, tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                      lookup: bool = False, head: bool | None = None) -> Speculation:
+        """`head` (default: not `lookup`): draft with the head over S; with `lookup` too, wherever the text
+        offers nothing to copy (text that never repeats still gets the head's drafts)."""
         if draft_tokens < 1:
             raise NanogemmaError(f"--draft-tokens must be >= 1, got {draft_tokens}")
         if draft_vocab < 1:
             raise NanogemmaError(f"--draft-vocab must be >= 1, got {draft_vocab}")
-        return cls([] if lookup else common_token_ids(tok, draft_vocab), draft_tokens, lookup)
+        head = not lookup if head is None else head
+        return cls(common_token_ids(tok, draft_vocab) if head else [], draft_tokens, lookup)
 
     @property
     def spare(self) -> int:
@@ -87,10 +91,11 @@ class Speculation:
     def decoder(self, session, params: SamplingParams, sampler: Sampler | None = None,
                 draft: DraftHead | None = None) -> SpeculativeDecoder:
         """The decoding loop this speculation runs on `session` (`draft`: a head over S already built)."""
+        if self.common_ids and draft is None:
+            draft = DraftHead(session.model, self.common_ids)
         if self.lookup:
-            return LookupDecoder(session, params, self.draft_tokens, sampler)
-        return SpeculativeDecoder(session, draft or DraftHead(session.model, self.common_ids), params,
-                                  self.draft_tokens, sampler)
+            return LookupDecoder(session, params, self.draft_tokens, sampler, draft)
+        return SpeculativeDecoder(session, draft, params, self.draft_tokens, sampler)
 
 
 def common_token_ids(tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB) -> list[int]:
@@ -194,7 +199,7 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def run(self, prompt: Sequence[int], first_logits: Tensor, max_new: int) -> Iterator[int]:
         """Tokens after `prompt`, whose next-token logits are `first_logits` (1, V); at most `max_new`."""
-        model, sampler = self.session.model, self.sampler
+        sampler = self.sampler
         sampler.observe([list(prompt)])
         self.draft.add(prompt)
         last = int(sampler(first_logits))
@@ -202,46 +207,52 @@ class SpeculativeDecoder:
         yield last
         emitted = 1
         while emitted < max_new:
-            k = min(self.k, max_new - emitted)
-            seen = None if sampler.seen is None else sampler.seen.clone()
-            hidden, drafts, draft_probs, draft_logits = [], [], [], []
-            token = last
-            for _ in range(k):
-                h = model.final_norm(self.session.step_hidden(torch.tensor([token], device=model.device)))
-                hidden.append(h)
-                sub_logits, sub_ids = self.draft(h)  # S is fixed within a round: the same sub_ids every time
-                draft_logits.append(sub_logits)
-                col, q = self._pick(self._prepare(sub_logits, None if seen is None else seen[:, sub_ids]))
-                token = int(sub_ids[col])
-                drafts.append(token)
-                draft_probs.append(None if q is None else (q, sub_ids))
-                if seen is not None:
-                    seen[0, token] = True
-            full = model.lm_head(torch.cat(hidden)).float()  # (k, V): one pass over the head for k tokens
-            # S's columns are taken from the drafts' own one-row products, so that the check and the draft
-            # see the same numbers there; only the tokens outside S can overturn a draft.
-            full[:, sub_ids] = torch.cat(draft_logits)
-            out = []
-            for j, d in enumerate(drafts):
-                target = self._prepare(full[j:j + 1], sampler.seen)
-                if draft_probs[j] is None:  # greedy: the full model's argmax
-                    t = int(target.argmax(-1))
-                else:
-                    q, q_ids = draft_probs[j]
-                    q_full = torch.zeros(target.shape[-1], device=target.device)
-                    q_full[q_ids] = q[0]
-                    t = accept_or_resample(target.softmax(-1)[0], q_full, d, sampler.generator)
-                out.append(t)
-                sampler.observe(torch.tensor([t], device=model.device))
-                if t != d:
-                    break
-            self.drafted += k
-            self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
-            self.session.rollback(k - len(out))  # fed: last + drafts[:-1]; valid: last + out[:-1]
-            self.draft.add(out)
+            out = self._head_pass(last, min(self.k, max_new - emitted))
             yield from self._emit(out)
             emitted += len(out)
             last = out[-1]
+
+    def _head_pass(self, last: int, k: int) -> list[int]:
+        """Draft k tokens after `last` (fed now) with the head over S, check them with the full head: -> the
+        pass's tokens, all but the last in the cache (the rejected drafts are taken back out)."""
+        model, sampler = self.session.model, self.sampler
+        seen = None if sampler.seen is None else sampler.seen.clone()
+        hidden, drafts, draft_probs, draft_logits = [], [], [], []
+        token = last
+        for _ in range(k):
+            h = model.final_norm(self.session.step_hidden(torch.tensor([token], device=model.device)))
+            hidden.append(h)
+            sub_logits, sub_ids = self.draft(h)  # S is fixed within a round: the same sub_ids every time
+            draft_logits.append(sub_logits)
+            col, q = self._pick(self._prepare(sub_logits, None if seen is None else seen[:, sub_ids]))
+            token = int(sub_ids[col])
+            drafts.append(token)
+            draft_probs.append(None if q is None else (q, sub_ids))
+            if seen is not None:
+                seen[0, token] = True
+        full = model.lm_head(torch.cat(hidden)).float()  # (k, V): one pass over the head for k tokens
+        # S's columns are taken from the drafts' own one-row products, so that the check and the draft
+        # see the same numbers there; only the tokens outside S can overturn a draft.
+        full[:, sub_ids] = torch.cat(draft_logits)
+        out = []
+        for j, d in enumerate(drafts):
+            target = self._prepare(full[j:j + 1], sampler.seen)
+            if draft_probs[j] is None:  # greedy: the full model's argmax
+                t = int(target.argmax(-1))
+            else:
+                q, q_ids = draft_probs[j]
+                q_full = torch.zeros(target.shape[-1], device=target.device)
+                q_full[q_ids] = q[0]
+                t = accept_or_resample(target.softmax(-1)[0], q_full, d, sampler.generator)
+            out.append(t)
+            sampler.observe(torch.tensor([t], device=model.device))
+            if t != d:
+                break
+        self.drafted += k
+        self.accepted += sum(t == d for t, d in zip(out, drafts, strict=False))
+        self.session.rollback(k - len(out))  # fed: last + drafts[:-1]; valid: last + out[:-1]
+        self.draft.add(out)
+        return out
 
 
 def accept_or_resample(p: Tensor, q: Tensor, draft: int, generator: torch.Generator | None = None) -> int:
@@ -292,10 +303,12 @@ class TextIndex:
 
 class LookupDecoder(SpeculativeDecoder):
     """Prompt-lookup decoding of one row (see the module docstring): drafts copied from the text, checked
-    k + 1 rows at a time by one call through the whole model."""
+    k + 1 rows at a time by one call through the whole model; where the text has none, a pass of the head's
+    drafts over S when `draft` is given, else a plain step."""
 
-    def __init__(self, session, params: SamplingParams, draft_tokens: int, sampler: Sampler | None = None):
-        super().__init__(session, None, params, draft_tokens, sampler)
+    def __init__(self, session, params: SamplingParams, draft_tokens: int, sampler: Sampler | None = None,
+                 draft: DraftHead | None = None):
+        super().__init__(session, draft, params, draft_tokens, sampler)
         if session.cache.spare < draft_tokens + 1:
             raise NanogemmaError("prompt-lookup decoding needs a one-row session with spare >= draft tokens + 1")
         self.passes = 0  # calls that checked drafts
@@ -309,11 +322,20 @@ class LookupDecoder(SpeculativeDecoder):
         text = TextIndex(prompt)
         last = int(sampler(first_logits))
         text.extend([last])
+        if self.draft is not None:
+            self.draft.add(list(prompt) + [last])
         yield last
         emitted = 1
         while emitted < max_new:
             drafts = text.propose(min(self.k, max_new - emitted - 1))  # the token after them counts too
-            if not drafts:  # nothing to copy: a plain step
+            if not drafts and self.draft is not None:  # nothing to copy: the head's drafts
+                out = self._head_pass(last, min(self.k, max_new - emitted))
+                text.extend(out)
+                yield from self._emit(out)
+                emitted += len(out)
+                last = out[-1]
+                continue
+            if not drafts:  # nothing to copy, no head to draft with: a plain step
                 last = int(sampler(session.step(torch.tensor([last], device=device))))
                 text.extend([last])
                 yield last

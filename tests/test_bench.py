@@ -34,8 +34,9 @@ def test_modes_and_table_format():
     assert parse_mode("bfloat16+compile") == ("bfloat16", None, True, None)
     assert parse_mode("int8+spec+compile") == ("float32", "int8", True, "spec")
     assert parse_mode("int8+lookup") == ("float32", "int8", False, "lookup")
-    with pytest.raises(NanogemmaError, match="one of \\+spec"):
-        parse_mode("int8+spec+lookup")
+    assert parse_mode("int8+compile+spec+lookup") == ("float32", "int8", True, "lookup+spec")
+    with pytest.raises(NanogemmaError, match="and/or \\+lookup"):
+        parse_mode("int8+spec+spec")
     row = {"mode": "float32", "prefill_tok_s": 100.0, "decode_tok_s": 20.0, "ttft_s": 0.5, "ttft_cold_s": 2.0,
            "load_s": 1.0, "peak_mb": 900.0, "weight_gb_s": 10.0}
     text = table([row, {**row, "mode": "transformers", "decode_tok_s": 10.0}], peak_bw=20.0)

@@ -199,9 +199,17 @@ def test_cli_lookup_gives_the_same_text(tiny_hf):
     assert fast.stdout == plain.stdout and len(plain.stdout.strip()) > 0
 
 
+def test_cli_lookup_with_head_drafts_gives_the_same_text(tiny_hf):
+    """--lookup --speculate: the text's drafts where it repeats, the head's elsewhere; greedy text unchanged."""
+    plain = cli("generate", "Once there was", "--model", str(tiny_hf), "--max-new-tokens", "16")
+    fast = cli("generate", "Once there was", "--model", str(tiny_hf), "--max-new-tokens", "16",
+               "--lookup", "--speculate", "--draft-tokens", "3", "--draft-vocab", "2000")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and len(plain.stdout.strip()) > 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (("--draft-tokens", "0", "--speculate"), "--draft-tokens"),
-    (("--speculate", "--lookup"), "choose one"),
     (("--min-p", "2"), "--min-p"),
     (("--repetition-penalty", "0"), "--repetition-penalty"),
     (("--batch-size", "0"), "--batch-size"),
@@ -210,7 +218,7 @@ def test_cli_lookup_gives_the_same_text(tiny_hf):
 def test_cli_bad_flags(args, needle, tiny_hf):
     proc = cli("generate", *(args if "--prompts-file" in args else ("hi", *args)), "--model", str(tiny_hf))
     # A value the parser refuses is a usage error (exit 2); one refused after parsing exits 1. One line either way.
-    refused_after_parsing = "--prompts-file" in args or "--lookup" in args
+    refused_after_parsing = "--prompts-file" in args
     assert proc.returncode == (1 if refused_after_parsing else 2) and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("nanogemma: error:") and needle in proc.stderr and proc.stderr.count("\n") == 1
 

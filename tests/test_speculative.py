@@ -256,18 +256,43 @@ def test_lookup_sampling_matches_plain_sampling_in_distribution(model):
         assert tv < 0.15, (position, plain_counts, fast_counts)
 
 
-@pytest.mark.parametrize("stop_at", [9, 12, 15, 20])  # after the first passes: some stop mid-pass
-def test_lookup_stopping_mid_pass_leaves_the_cache_as_plain_decoding_would(model, stop_at):
-    from nanogemma.generation import Session
-    from nanogemma.speculative import LookupDecoder
+def count_head_passes(monkeypatch) -> list[int]:
+    """Record the k of every pass of the head's drafts (`SpeculativeDecoder._head_pass`)."""
+    from nanogemma.speculative import SpeculativeDecoder
 
-    ids = looping_prompt(15)
+    calls, head_pass = [], SpeculativeDecoder._head_pass
+    monkeypatch.setattr(SpeculativeDecoder, "_head_pass",
+                        lambda self, last, k: calls.append(k) or head_pass(self, last, k))
+    return calls
+
+
+@pytest.mark.parametrize("n", [4, 23])
+def test_lookup_with_head_drafts_greedy_tokens_equal_plain_decoding(model, n, monkeypatch):
+    """Lookup with the head over S where the text offers nothing: the text's passes and the head's both run,
+    and greedy gives plain decoding's tokens (up to a float32 tie)."""
+    ids = prompt(n)
+    plain, _ = decode(model, ids, 120)
+    calls = count_head_passes(monkeypatch)
+    fast, stats = decode(model, ids, 120, Speculation(list(range(0, 512, 2)), 3, lookup=True))
+    assert_same_greedy(model, ids, fast, plain, what=f"lookup+head n={n}")
+    assert calls and stats.passes > 0  # both kinds of pass ran
+    assert 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("stop_at", [9, 12, 15, 20])  # after the first passes: some stop mid-pass
+def test_lookup_stopping_mid_pass_leaves_the_cache_as_plain_decoding_would(model, stop_at, head, monkeypatch):
+    from nanogemma.generation import Session
+    from nanogemma.speculative import DraftHead, LookupDecoder
+
+    ids = prompt(15) if head else looping_prompt(15)  # a prompt that does not repeat: the head drafts first
+    calls = count_head_passes(monkeypatch)
     session = Session(model, 1, 200, spare=5)
-    decoder = LookupDecoder(session, SamplingParams(), 4)
+    decoder = LookupDecoder(session, SamplingParams(), 4, draft=DraftHead(model, range(0, 512, 3)) if head else None)
     run = decoder.run(ids, session.prefill([ids]), 100)
     got = [next(run) for _ in range(stop_at + 1)]
     run.close()
-    assert decoder.passes > 0
+    assert bool(calls) == head and (head or decoder.passes > 0)
     assert session.length == len(ids) + stop_at
     ref = Session(model, 1, 200)
     ref.prefill([ids + got[:-1]])

@@ -34,7 +34,8 @@ def _add_speculation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", action="store_true",
                    help="prompt-lookup decoding (one prompt at a time): draft the tokens that followed the last "
                         "earlier occurrence of the latest few tokens, check them in one pass through the model; "
-                        "fastest on text that repeats or quotes its prompt (see nanogemma/speculative.py)")
+                        "fastest on text that repeats or quotes its prompt; with --speculate too, the head drafts "
+                        "where the text has nothing to copy (see nanogemma/speculative.py)")
     p.add_argument("--draft-tokens", type=POSITIVE, default=DEFAULT_DRAFT_TOKENS,
                    help=f"drafts per check with --speculate or --lookup (default {DEFAULT_DRAFT_TOKENS})")
     p.add_argument("--draft-vocab", type=POSITIVE, default=DEFAULT_DRAFT_VOCAB,
@@ -76,11 +77,10 @@ def _load_for_inference(args: argparse.Namespace):
 def _speculation(args: argparse.Namespace, tok):
     from ..speculative import Speculation
 
-    if args.speculate and args.lookup:
-        raise NanogemmaError("--speculate and --lookup are two ways to draft tokens: choose one")
     if not (args.speculate or args.lookup):
         return None
-    return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens, lookup=args.lookup)
+    return Speculation.for_tokenizer(tok, args.draft_vocab, args.draft_tokens, lookup=args.lookup,
+                                     head=args.speculate)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -285,7 +285,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=None,
                    help="comma-separated: float32 (prepacked weights), float32-unpacked (plain PyTorch "
                         "weights), bfloat16, int8, int8-wo, each optionally with +compile (torch.compile) and/or "
-                        "+spec (self-speculative decoding) or +lookup (prompt lookup), e.g. int8+compile+spec "
+                        "+spec (self-speculative decoding) and/or +lookup (prompt lookup), e.g. int8+compile+spec "
                         "(default "
                         "float32,bfloat16,int8,int8+compile; on CUDA float32 and bfloat16, plain and +compile)")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=128, help="prompt length in tokens (default 128)")

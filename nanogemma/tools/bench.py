@@ -39,16 +39,16 @@ PROMPT_TEXT = (
 
 
 def parse_mode(mode: str) -> tuple[str, str | None, bool, str | None]:
-    """'int8+compile+spec' -> (dtype name, quantization or None, compile?, speculation: "spec", "lookup" or None)."""
+    """'int8+compile+spec' -> (dtype name, quantization or None, compile?, speculation: "spec", "lookup",
+    "lookup+spec" (the text's drafts, else the head's) or None)."""
     base, *extras = mode.split("+")
-    speculation = [e for e in extras if e in ("spec", "lookup")]
-    if (base not in MODES or not set(extras) <= {"compile", "spec", "lookup"} or len(set(extras)) != len(extras)
-            or len(speculation) > 1):
-        raise NanogemmaError(f"unknown bench mode '{mode}'; use {', '.join(MODES)}, each optionally "
-                             "+compile and one of +spec (self-speculative decoding) or +lookup (prompt lookup)")
+    speculation = [e for e in ("lookup", "spec") if e in extras]
+    if base not in MODES or not set(extras) <= {"compile", "spec", "lookup"} or len(set(extras)) != len(extras):
+        raise NanogemmaError(f"unknown bench mode '{mode}'; use {', '.join(MODES)}, each optionally +compile "
+                             "and +spec (self-speculative decoding) and/or +lookup (prompt lookup)")
     dtype = "bfloat16" if base == "bfloat16" else "float32"
     weights = base if base.startswith("int8") or base == "float32-unpacked" else None
-    return dtype, weights, "compile" in extras, speculation[0] if speculation else None
+    return dtype, weights, "compile" in extras, "+".join(speculation) or None
 
 
 def prompt_ids(tok, n: int) -> list[int]:
@@ -140,7 +140,8 @@ def worker_nanogemma(spec: dict) -> dict:
     decoder = Decoder(model, [ids], n_new, stop_ids=set(), compile=compiled,
                       speculation=Speculation.for_tokenizer(tok, spec.get("draft_vocab", DEFAULT_DRAFT_VOCAB),
                                                             spec.get("draft_tokens", DEFAULT_DRAFT_TOKENS),
-                                                            lookup=speculative == "lookup")
+                                                            lookup="lookup" in speculative,
+                                                            head="spec" in speculative)
                       if speculative else None)
     for row in decoder:
         stamps.append(time.perf_counter())  # each stamp follows one sampled token
@@ -284,14 +285,16 @@ def machine() -> str:
 def _agreement(rows: list[dict]) -> str:
     """For a +spec or +lookup mode: how many of its tokens equal those of the same mode without speculation."""
     new = rows[-1]
-    kind = next((k for k in ("+spec", "+lookup") if k in new["mode"]), None)
-    if kind is None:
+    kinds = [k for k in ("+spec", "+lookup") if k in new["mode"]]
+    if not kinds:
         return ""
     if new.get("draft_accepted") is not None:
         note = f", {new['draft_accepted']:.0%} of drafts accepted"
     else:
         note = ""
-    plain = new["mode"].replace(kind, "")
+    plain = new["mode"]
+    for kind in kinds:
+        plain = plain.replace(kind, "")
     ref = next((r for r in rows if r["mode"] == plain), None)
     if ref is None:
         return note
