@@ -26,16 +26,17 @@ outside S joins it (a name in a story is missed once, then drafted). The idea of
 draft vocabulary is FR-Spec's (Zhao et al., 2025); here the draft is the model itself, so the only thing
 it approximates is the head.
 
-**Drafts from the text** (`Speculation(lookup=True)`, `--lookup`): prompt-lookup decoding (Saxena, 2023).
-Text often repeats itself — a name, a phrase of the prompt, a line of code, and a small model's own loops —
-so the tokens that followed the last earlier occurrence of the latest 3 (else 2) tokens are a free draft.
+**Drafts from the text** (`Speculation(lookup=True)`, `--lookup`): prompt-lookup decoding (Saxena, 2023). Text
+often repeats itself — a name, a phrase of the prompt, a line of code, and a small model's own loops — so the
+tokens that followed the last earlier occurrence of the latest 3 (else 2) tokens are a free draft.
 `LookupDecoder` feeds the last token and up to k such drafts through the model in one call (`Session.extend`:
 at batch 1 the blocks' weights are read once for all k + 1 rows, not once per token), keeps the drafts while
-they equal the model's choice, and emits the model's own next token after them; where the text offers no
-draft it takes a plain step. Unlike the head drafts above, this saves the blocks' reads too, and it needs
-no draft head. The k + 1 rows' products are the same sums as one-row steps', rounded in another order (by
-more with `int8`, whose activations are rounded once per call), so the output can differ from plain
-decoding's where two tokens tie to within that rounding.
+they equal the model's choice, and emits the model's own next token after them; where the text offers no draft
+it takes a plain step. Unlike the head drafts above, this saves the blocks' reads too, and it needs no draft
+head (given one, `--lookup --speculate`, it drafts with it where the text has nothing to copy). The k + 1
+rows' products are the same sums as one-row steps', rounded in another order (by more with `int8`, whose
+activations are rounded once per call), so the output can differ from plain decoding's where two tokens tie to
+within that rounding.
 
 The check takes S's columns from the drafts' own one-row products: the numbers plain decoding computes
 for those tokens, so a draft can only be overturned by a token outside S. The other columns come from the
@@ -68,7 +69,7 @@ class Speculation:
 
     common_ids: list[int]
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
-    lookup: bool = False  # drafts copied from the text (`LookupDecoder`) instead of the head over S
+    lookup: bool = False  # drafts copied from the text (`LookupDecoder`); the head's over S only where it has none
 
     @classmethod
     def for_tokenizer(cls, tok, draft_vocab: int = DEFAULT_DRAFT_VOCAB, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
