@@ -244,11 +244,11 @@ def test_lookup_sampling_matches_plain_sampling_in_distribution(model):
     ids = looping_prompt(12, period=4)
     params = lambda seed: SamplingParams(temperature=1.0, top_k=4, seed=seed)  # noqa: E731
     spec = Speculation([], 3, lookup=True)
+    runs = [(decode(model, ids, 3, params=params(seed))[0], decode(model, ids, 3, spec, params(seed))[0])
+            for seed in range(400)]
     for position in (1, 2):
         plain_counts, fast_counts = {}, {}
-        for seed in range(400):
-            a, _ = decode(model, ids, 3, params=params(seed))
-            b, _ = decode(model, ids, 3, spec, params(seed))
+        for a, b in runs:
             plain_counts[a[position]] = plain_counts.get(a[position], 0) + 1
             fast_counts[b[position]] = fast_counts.get(b[position], 0) + 1
         tokens = set(plain_counts) | set(fast_counts)
